@@ -1,0 +1,829 @@
+"""What every DDIL script shares, and nothing method-specific (DESIGN.md §3, §4, §7).
+
+DDIL: Garrepalli, Mahajan, Hayat, Porikli, "DDIL: Improved Diffusion Distillation with Imitation
+Learning", arXiv 2410.11971. A method's loss never lives here; this file holds the diffusion
+conventions, the sampler loop that training rollouts and evaluation share, the DDIL input sampler,
+data, EMA, seeding, checkpoints and the run directory.
+
+Range contract (stated once, used everywhere):
+    images  float [B, 3, 32, 32] in [-1, 1] (uint8 [N, 3, 32, 32] while stored)
+    labels  long  [B] in {0..9}; NULL_CLASS = 10 means "unconditional" (classifier-free guidance)
+    time    float t in [0, 1], t = 1 is pure noise; alpha_t = cos(pi t / 2), sigma_t = sin(pi t / 2)
+    network output v = alpha_t * eps - sigma_t * x_0  (v-prediction)
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import zipfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+NUM_CLASSES = 10
+NULL_CLASS = 10
+SOURCES = ("fwd", "teacher", "student")     # β_frwd, β_teach_bckwrd, β_student_bckwrd
+# log-SNR = 2 log(alpha/sigma) = -2 log tan(pi t / 2) stays in [-20, 20]  <=>  t in [T_MIN, T_MAX].
+T_MIN = 2 / math.pi * math.atan(math.exp(-10.0))
+T_MAX = 1.0 - T_MIN
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by `run_main`, never as a traceback."""
+
+
+# --- Diffusion conventions (DESIGN §3) ---
+
+def _bc(a, x):
+    """Broadcast a per-example [B] (or scalar) tensor against x [B, ...]."""
+    return a.reshape(-1, *([1] * (x.ndim - 1))) if a.ndim else a
+
+
+def alpha_sigma(t):
+    """Variance-preserving cosine schedule: (alpha_t, sigma_t) = (cos(pi t/2), sin(pi t/2)), t clipped
+    to [T_MIN, T_MAX] so that log-SNR stays within [-20, 20]. Same shape as t."""
+    t = torch.as_tensor(t, dtype=torch.float32).clamp(T_MIN, T_MAX)
+    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+
+
+def to_x0_eps(z, t, v):
+    """v-parameterisation -> (x̂_0, ε̂):  x̂_0 = alpha_t z - sigma_t v,  ε̂ = sigma_t z + alpha_t v."""
+    alpha_t, sigma_t = (_bc(a.to(z.device), z) for a in alpha_sigma(t))
+    return alpha_t * z - sigma_t * v, sigma_t * z + alpha_t * v
+
+
+def ddim_step(z, t, s, x0, eps=None):
+    """DDIM step t -> s:  z_s = alpha_s x̂_0 + sigma_s ε̂.
+
+    With eps=None, ε̂ = (z_t - alpha_t x̂_0) / sigma_t is recomputed from z_t and the (possibly
+    thresholded) x̂_0, so the step stays on the line through z_t (Song et al. 2021, eq. 12 with
+    sigma = 0). Pass fresh noise as eps for the re-noising step of consistency / DMD2 samplers."""
+    alpha_s, sigma_s = (_bc(a.to(z.device), z) for a in alpha_sigma(s))
+    if eps is None:
+        alpha_t, sigma_t = (_bc(a.to(z.device), z) for a in alpha_sigma(t))
+        eps = (z - alpha_t * x0) / sigma_t
+    return alpha_s * x0 + sigma_s * eps
+
+
+def threshold(x0, mode, p=0.995):
+    """Threshold x̂_0 to the data range (the reflected-diffusion view of DDIL).
+
+    mode None  -> x0 unchanged
+    'static'   -> clamp(x0, -1, 1)
+    'dynamic'  -> Imagen (Saharia et al. 2022, §2.3): s = max(1, quantile(|x0|, p)) per sample,
+                  clamp(x0, -s, s) / s."""
+    if mode is None:
+        return x0
+    if mode == "static":
+        return x0.clamp(-1, 1)
+    if mode == "dynamic":
+        s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp(min=1.0)
+        s = _bc(s, x0)
+        return x0.clamp(-s, s) / s
+    raise ValueError(f"unknown threshold mode {mode!r}")
+
+
+def out_of_range(x0):
+    """Fraction of x̂_0 pixels outside [-1, 1] (what thresholding would clip); a device scalar."""
+    return (x0.detach().abs() > 1).float().mean()
+
+
+def denoise(net, z, t, y, guidance=1.0, clip=(None, 0.995)):
+    """x̂_0 of a v-prediction network at (z_t, t, y), with classifier-free guidance on v
+    (v̂ = v̂_uncond + w (v̂_cond - v̂_uncond); w = 1 is no guidance) and thresholding
+    `clip = (mode, percentile)`. z: [B, 3, 32, 32]; t: float or [B]; y: [B]. Returns fp32 x̂_0."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
+    if guidance == 1.0:
+        v = net(z, t, y).float()
+    else:
+        y_null = torch.full_like(y, NULL_CLASS)
+        v_cond, v_uncond = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, y_null])).float().chunk(2)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+    x0, _ = to_x0_eps(z, t, v)
+    return threshold(x0, *clip)
+
+
+# --- Sampler loop: shared by evaluation and by the DDIL rollouts, so they cannot drift ---
+
+def sampler_step(model_fn, z, t, s, y, renoise=None):
+    """One transition t -> s. model_fn(z, t, y) -> x̂_0 (guidance and thresholding already inside).
+    renoise=None: DDIM (deterministic); renoise(z) -> fresh ε: x̂_0 re-noised to s (consistency
+    models / DMD2 multistep). The last step (s = 0) returns x̂_0 itself."""
+    x0 = model_fn(z, t, y)
+    if s <= 0:
+        return x0
+    return ddim_step(z, t, s, x0, None if renoise is None else renoise(z))
+
+
+@torch.no_grad()
+def sample(model_fn, noise, labels, times, renoise=None):
+    """Run the sampler along `times` (descending, e.g. [1, 0.75, 0.5, 0.25, 0]) from z_{times[0]} =
+    noise. Returns x̂_0 [B, 3, 32, 32] when times ends at 0, else z_{times[-1]}."""
+    z = noise
+    for t, s in zip(times[:-1], times[1:]):
+        z = sampler_step(model_fn, z, float(t), float(s), labels, renoise)
+    return z
+
+
+def fine_grid(t, s, steps_per_unit):
+    """[t, ..., s] split into ceil(steps_per_unit (t - s)) equal DDIM steps: a teacher grid that
+    contains every student grid time (DESIGN §4, --teacher-rollout-steps)."""
+    n = max(1, math.ceil(steps_per_unit * (t - s) - 1e-6))
+    return [t + (s - t) * i / n for i in range(n + 1)]
+
+
+@torch.no_grad()
+def rollout(student_fn, teacher_fn, noise, labels, times, j, expert_prob=0.0, renoise=None,
+            teacher_steps=32):
+    """Backward states for DDIL: example b runs j[b] transitions of the grid `times` from pure noise
+    and ends at z_{times[j[b]]} (j = 0 returns the noise). Each transition is taken by the teacher
+    (DDIM on a finer grid, `teacher_steps` per unit time) with probability expert_prob, otherwise by
+    the student's own sampler step: DAgger's mixture policy pi_i = p pi* + (1 - p) pi_hat (Ross et
+    al. 2011). expert_prob = 1 gives β_teach_bckwrd states, 0 gives β_student_bckwrd states."""
+    z = noise.clone()
+    for i in range(int(j.max()) if len(j) else 0):
+        t, s = float(times[i]), float(times[i + 1])
+        active = (j > i).nonzero().squeeze(1)
+        if 0.0 < expert_prob < 1.0:
+            by_teacher = torch.rand(len(active), device=z.device) < expert_prob
+        else:
+            by_teacher = torch.full((len(active),), expert_prob >= 1.0, device=z.device)
+        idx_t, idx_s = active[by_teacher], active[~by_teacher]
+        if len(idx_t):
+            z[idx_t] = sample(teacher_fn, z[idx_t], labels[idx_t], fine_grid(t, s, teacher_steps))
+        if len(idx_s):
+            z[idx_s] = sampler_step(student_fn, z[idx_s], t, s, labels[idx_s], renoise)
+    return z
+
+
+class StackedRandomGenerator:
+    """One torch.Generator per example, seeded by its index, so that sample i is drawn from seed i
+    whatever the batch size (EDM's generate.py)."""
+
+    def __init__(self, device, seeds):
+        self.device = device
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, size):
+        return torch.stack([torch.randn(size, generator=g, device=self.device) for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape[1:]).to(x.dtype)
+
+
+def seeded_batch(seeds, device):
+    """Noise z_1 [B, 3, 32, 32], labels (seed mod 10) and a per-example fresh-noise function for seeds."""
+    rng = StackedRandomGenerator(device, seeds)
+    labels = torch.tensor([int(s) % NUM_CLASSES for s in seeds], device=device)
+    return rng.randn((3, 32, 32)), labels, rng.randn_like
+
+
+# --- The DDIL input sampler (DESIGN §4) ---
+
+def prior_weight(schedule, progress, warmup):
+    """Interpolation weight u in [0, 1] from --prior-start (u = 0) to the end priors (u = 1)."""
+    if schedule == "constant":
+        return 1.0
+    x = 1.0 if warmup <= 0 else min(1.0, progress / warmup)
+    if schedule == "linear":
+        return x
+    if schedule == "cosine":
+        return 0.5 * (1 - math.cos(math.pi * x))
+    if schedule == "step":
+        return 1.0 if x >= 1.0 else 0.0
+    raise ValueError(f"unknown prior schedule {schedule!r}")
+
+
+class DDILSampler:
+    """Draws each training batch (x_t, t, y, source) from the DDIL mixture (DESIGN §4):
+
+        source ~ Categorical(β_frwd, β_teach_bckwrd, β_student_bckwrd)   (priors at training progress)
+        fwd:     x_t = alpha_t x_0 + sigma_t ε,  x_0 from data, t from the method's forward times
+        teacher: the teacher's DDIM sampler from z_1 ~ N(0, I) down to a student grid time (no grad)
+        student: the student's own sampler for j ~ U{0..K-1} steps (DAgger mixture if expert_prob > 0)
+
+    Backward states go through a FIFO replay buffer per source: each draw makes a fraction `refresh`
+    of the backward part of the batch with fresh rollouts and takes the rest from the buffer
+    (buffer_size = 0: every backward state is fresh). The buffer is in `state_dict()`."""
+
+    def __init__(self, data, priors, prior_start=(1.0, 0.0, 0.0), schedule="constant", warmup=0.3,
+                 buffer_size=0, refresh=0.25, expert_prob=0.0, teacher_steps=32):
+        self.data = data
+        self.end = torch.tensor(priors, dtype=torch.float64)
+        self.start = torch.tensor(prior_start, dtype=torch.float64)
+        self.schedule, self.warmup = schedule, warmup
+        self.buffer_size, self.refresh = buffer_size, refresh
+        self.expert_prob, self.teacher_steps = expert_prob, teacher_steps
+        self.reset()
+
+    def reset(self):
+        """Forget buffered states (e.g. when the student's grid changes between PD rounds)."""
+        self.buffers = {"teacher": None, "student": None}    # (z [N, 3, 32, 32], t [N], y [N], ptr, n)
+
+    def priors(self, progress):
+        """(β_frwd, β_teach_bckwrd, β_student_bckwrd) at training progress in [0, 1]; sums to 1."""
+        u = prior_weight(self.schedule, progress, self.warmup)
+        p = (1 - u) * self.start / self.start.sum() + u * self.end / self.end.sum()
+        return p / p.sum()
+
+    def draw(self, n, progress, fwd_times, times, student_fn, teacher_fn, renoise=None):
+        """A batch of n inputs. fwd_times: candidate t for forward states; times: the student's
+        sampling grid (descending, times[0] = 1); student_fn / teacher_fn(z, t, y) -> x̂_0 and
+        renoise as in `sampler_step`. Returns dict x_t, t, y (device) and source (long: 0/1/2)."""
+        counts = torch.bincount(torch.multinomial(self.priors(progress), n, replacement=True), minlength=3)
+        n_fwd, n_teacher, n_student = counts.tolist()
+        x0, y = self.data.batch(n_fwd)
+        t = fwd_times.to(x0.device)[torch.randint(len(fwd_times), (n_fwd,), device=x0.device)]
+        alpha_t, sigma_t = (_bc(a.to(x0.device), x0) for a in alpha_sigma(t))
+        parts = [(alpha_t * x0 + sigma_t * torch.randn_like(x0), t, y)]
+        for name, m, p in (("teacher", n_teacher, 1.0), ("student", n_student, self.expert_prob)):
+            parts.append(self._backward(name, m, p, times, student_fn, teacher_fn, renoise))
+        x_t, t, y = (torch.cat(v) for v in zip(*parts))
+        source = torch.repeat_interleave(torch.arange(3, device=x_t.device), counts.to(x_t.device))
+        return dict(x_t=x_t, t=t, y=y, source=source)
+
+    def _backward(self, name, m, expert_prob, times, student_fn, teacher_fn, renoise):
+        """m backward states of one source: `fresh` new rollouts, the rest replayed from its buffer."""
+        buf = self.buffers[name]
+        stored = 0 if buf is None else buf[4]
+        fresh = m if self.buffer_size == 0 else min(m, max(math.ceil(self.refresh * m), m - stored))
+        _, y = self.data.batch(fresh)                 # labels follow the data's class frequencies
+        j = torch.randint(len(times) - 1, (fresh,), device=y.device)   # j ~ U{0..K-1}
+        noise = torch.randn(fresh, 3, 32, 32, device=y.device)
+        z = rollout(student_fn, teacher_fn, noise, y, times, j, expert_prob, renoise, self.teacher_steps).float()
+        t = torch.as_tensor(times, dtype=torch.float32, device=y.device)[j]
+        if self.buffer_size == 0 or m == 0:
+            return z, t, y
+        self._push(name, z, t, y)
+        zb, tb, yb, _, nb = self.buffers[name]
+        k = torch.randint(nb, (m - fresh,), device=y.device)
+        return torch.cat([z, zb[k]]), torch.cat([t, tb[k]]), torch.cat([y, yb[k]])
+
+    def _push(self, name, z, t, y):
+        if self.buffers[name] is None:
+            N = self.buffer_size
+            self.buffers[name] = [z.new_zeros(N, *z.shape[1:]), t.new_zeros(N), y.new_zeros(N), 0, 0]
+        buf = self.buffers[name]
+        idx = (buf[3] + torch.arange(len(z), device=z.device)) % self.buffer_size   # FIFO ring
+        buf[0][idx], buf[1][idx], buf[2][idx] = z, t, y
+        buf[3] = (buf[3] + len(z)) % self.buffer_size
+        buf[4] = min(self.buffer_size, buf[4] + len(z))
+
+    def state_dict(self):
+        return {k: (None if b is None else list(b)) for k, b in self.buffers.items()}
+
+    def load_state_dict(self, state):
+        self.buffers = {k: (None if b is None else list(b)) for k, b in state.items()}
+
+
+class SourceStats:
+    """Per-source sums of a per-example quantity, accumulated on the device (no host sync)."""
+
+    def __init__(self, device):
+        self.sums, self.counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
+
+    def add(self, values, source):
+        self.sums.index_add_(0, source, values.detach().float())
+        self.counts.index_add_(0, source, torch.ones_like(values, dtype=torch.float32))
+
+    def summary(self, prefix):
+        """{prefix_fwd: mean, ...} for sources seen, and the realised mix {frac_fwd: ...}."""
+        sums, counts = self.sums.tolist(), self.counts.tolist()
+        total = max(1.0, sum(counts))
+        out = {f"{prefix}_{s}": sums[i] / counts[i] for i, s in enumerate(SOURCES) if counts[i] > 0}
+        out.update({f"frac_{s}": counts[i] / total for i, s in enumerate(SOURCES)})
+        self.sums.zero_(), self.counts.zero_()
+        return out
+
+
+# --- Data ---
+
+def synthetic_dataset(n=5000, seed=0):
+    """A procedural, deterministic 10-class 32x32 image set (no download): class c draws shape
+    c % 5 (disc, square, ring, cross, stripes) in palette c // 5 (warm / cool), at a random position
+    and size, over a noisy gradient background. Returns uint8 [n, 3, 32, 32] and labels [n]."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % NUM_CLASSES
+    rng.shuffle(y)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)[:, None] / 31.0          # [2][1, 32, 32]
+    cx, cy = rng.uniform(0.3, 0.7, (2, n, 1, 1)).astype(np.float32)
+    r = rng.uniform(0.15, 0.3, (n, 1, 1)).astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    d = np.sqrt(dx ** 2 + dy ** 2)
+    shapes = np.stack([d < r,                                                 # disc
+                       np.maximum(abs(dx), abs(dy)) < r,                      # square
+                       abs(d - r) < 0.06,                                     # ring
+                       (np.minimum(abs(dx), abs(dy)) < 0.06) & (d < r * 1.4),   # cross
+                       (np.sin(40 * (dx + dy)) > 0) & (d < r * 1.3)])           # stripes
+    mask = shapes[y % 5, np.arange(n)].astype(np.float32)[:, None]           # [n, 1, 32, 32]
+    warm = np.array([0.9, 0.5, 0.1], np.float32)
+    cool = np.array([0.1, 0.5, 0.9], np.float32)
+    colour = np.where((y // 5)[:, None] == 0, warm, cool) + rng.normal(0, 0.05, (n, 3)).astype(np.float32)
+    bg = 0.25 + 0.2 * (xx[None] * rng.uniform(-1, 1, (n, 1, 1, 1)) + yy[None] * rng.uniform(-1, 1, (n, 1, 1, 1)))
+    img = bg * (1 - mask) + colour[:, :, None, None] * mask + rng.normal(0, 0.03, (n, 3, 32, 32))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64)
+
+
+def image_folder(path, split="train", limit=None):
+    """An image-folder layout `<split>/<class>/*` (a directory or a .zip of one); classes are the
+    sorted folder names (CIFAR-10's label order for ../shared/data's copy). Returns uint8, labels."""
+    from PIL import Image
+    if zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        names = [n for n in archive.namelist() if n.startswith(f"{split}/") and not n.endswith("/")]
+        read = archive.open
+    elif os.path.isdir(os.path.join(path, split)):
+        root = os.path.join(path, split)
+        names = [f"{split}/{c}/{f}" for c in os.listdir(root) if os.path.isdir(os.path.join(root, c))
+                 for f in os.listdir(os.path.join(root, c))]
+        read = lambda n: open(os.path.join(path, n), "rb")
+    else:
+        raise UserError(f"--data-dir {path}: expected a directory or .zip holding {split}/<class>/<image>")
+    names = sorted(names)
+    classes = sorted({n.split("/")[1] for n in names})
+    if not names:
+        raise UserError(f"--data-dir {path}: no images under {split}/<class>/")
+    if limit is not None:   # an evenly spread slice keeps every class
+        names = [names[i] for i in np.linspace(0, len(names) - 1, min(limit, len(names))).round().astype(int)]
+    images = []
+    for n in names:
+        with read(n) as f:
+            images.append(np.asarray(Image.open(f).convert("RGB").resize((32, 32))))
+    labels = np.array([classes.index(n.split("/")[1]) for n in names], dtype=np.int64)
+    return np.stack(images).transpose(0, 3, 1, 2).copy(), labels
+
+
+def load_images(dataset, data_dir=None, split="train", limit=None):
+    """uint8 [N, 3, 32, 32] and labels [N] as torch tensors on the CPU (DESIGN §8)."""
+    if data_dir:
+        if not os.path.exists(data_dir):
+            raise UserError(f"--data-dir {data_dir}: no such file or directory")
+        x, y = image_folder(data_dir, split, limit)
+    elif dataset == "synthetic":
+        x, y = synthetic_dataset(5000 if split == "train" else 1000, seed=0 if split == "train" else 1)
+    elif dataset == "cifar10":
+        import torchvision
+        root = os.environ.get("DDIL_CIFAR_ROOT", "data")
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=True)
+        except Exception as e:   # offline, firewalled, bad mirror ...
+            raise UserError(f"CIFAR-10 could not be loaded or downloaded into {root}/ ({type(e).__name__}: "
+                            f"{str(e)[:80]}); use --data-dir PATH (an image folder or zip, e.g. "
+                            "../shared/data/cifar10-jpeg-train.zip) or --dataset synthetic") from None
+        x, y = ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64)
+    else:
+        raise UserError(f"--dataset {dataset}: unknown (choose cifar10 or synthetic, or give --data-dir)")
+    if limit is not None and len(x) > limit:
+        x, y = x[:limit], y[:limit]
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+
+class Dataset:
+    """The whole uint8 dataset resident on the training device; batches are sliced there (as
+    airbench does), with no per-image DataLoader work in the loop."""
+
+    def __init__(self, images, labels, device):
+        self.x, self.y = images.to(device), labels.to(device)
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, n, hflip=False):
+        """x_0 [n, 3, 32, 32] float in [-1, 1] and y [n], drawn with replacement (global RNG)."""
+        idx = torch.randint(len(self.x), (n,), device=self.x.device)
+        x = self.x[idx].float() / 127.5 - 1
+        if hflip:
+            x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        return x, self.y[idx]
+
+
+# --- Networks: EMA, teacher loading, speed settings ---
+
+@torch.no_grad()
+def ema_update(ema, net, decay, step):
+    """ema <- lerp(ema, net, 1 - d) with d = min(decay, (1 + step) / (10 + step)) (a warm-up that
+    keeps short runs from averaging in the initialisation)."""
+    d = min(decay, (1 + step) / (10 + step))
+    e, p = list(ema.parameters()), list(net.parameters())
+    torch._foreach_lerp_(e, p, 1 - d)
+    for b_e, b_p in zip(ema.buffers(), net.buffers()):
+        b_e.copy_(b_p)
+
+
+def build_unet(config, device):
+    from unet import UNet
+    net = UNet(**config).to(device)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else net
+
+
+def load_teacher(path, device):
+    """The teacher's EMA network, frozen, in eval mode, and its checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    if "unet" not in ckpt or "ema" not in ckpt.get("nets", {}):
+        raise UserError(f"--teacher {path}: not a teacher checkpoint (no 'unet' config / 'ema' weights)")
+    net = build_unet(ckpt["unet"], device)
+    net.load_state_dict(ckpt["nets"]["ema"])
+    return net.eval().requires_grad_(False), ckpt
+
+
+def resolve_teacher(args):
+    """--teacher PATH, or --teacher auto: the default teacher run of this preset and dataset,
+    trained (or resumed) by teacher.py when it is missing or unfinished."""
+    if args.teacher != "auto":
+        if not os.path.isfile(args.teacher):
+            raise UserError(f"--teacher {args.teacher}: no such checkpoint (train one with teacher.py, or --teacher auto)")
+        return args.teacher
+    import teacher   # the teacher script trains and caches it; imported here to keep it optional
+    out = default_run_dir("teacher", args, seed=0)      # what `python teacher.py --preset P` writes
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = load_checkpoint(path) if os.path.isfile(path) else None
+    if ckpt is None or ckpt["step"] < ckpt["config"]["iters"]:
+        print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py")
+        if teacher.main(teacher.auto_argv(args, out)) is None:
+            raise UserError("teacher training was stopped; rerun to resume it")
+    return path
+
+
+def optimizer(params, lr, device, betas=(0.9, 0.999), weight_decay=0.0):
+    """AdamW; the fused kernel on CUDA (one launch for all parameters)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=torch.device(device).type == "cuda")
+
+
+def lr_at(step, base, warmup):
+    """Linear warm-up over `warmup` steps, then constant (resume-safe: depends on step only)."""
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def autocast(args):
+    """bf16 autocast on CUDA when --amp bf16; a no-op on the CPU."""
+    if args.amp == "bf16" and torch.device(args.device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def maybe_compile(net, args):
+    return torch.compile(net) if args.compile else net
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA). Training randomness uses the global torch RNG,
+    whose state goes into every checkpoint, so a resumed run continues the same stream."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Checkpoints: one dict, written atomically, resumed automatically ---
+
+def save_checkpoint(path, state):
+    """torch.save to `path.tmp`, fsync, then rename over `path`: a kill at any moment leaves either
+    the old or the new checkpoint, never a half-written one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint dict; an unreadable file is a one-line UserError, not a traceback."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        "it is truncated or not a torch checkpoint - delete it or point elsewhere") from None
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM set `requested`; the loop saves a checkpoint at the next step boundary and
+    exits. (A SIGKILL loses at most the steps since the last periodic save.)"""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:           # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step ...", flush=True)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --- Run directory and logging ---
+
+def versions():
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "host": platform.node()}
+
+
+def prepare_run(args, method):
+    """Create the run directory, write config.json (every resolved flag plus library versions) and
+    return the path of its checkpoint. The first log line says which preset is in force."""
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{method}: preset {args.preset} on {args.device} ({args.preset_reason}); run directory {args.out}")
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"method": method, **vars(args), "versions": versions()}, f, indent=2, default=str)
+    return os.path.join(args.out, "ckpt.pt")
+
+
+class RunLog:
+    """One printed line per interval and the same numbers appended to log.jsonl. Values may be device
+    tensors: they are read (one host sync) only here, at log time."""
+
+    def __init__(self, out_dir, total_steps, start_step=0):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.total, self.t0, self.s0 = total_steps, time.time(), start_step
+
+    def write(self, step, **values):
+        rec = {"step": step}
+        for k, v in values.items():
+            rec[k] = float(v) if isinstance(v, torch.Tensor) or isinstance(v, (float, int, np.floating)) else v
+        dt = time.time() - self.t0
+        ms = 1000 * dt / max(1, step - self.s0)
+        rec.update(ms_per_it=ms, eta_s=ms * (self.total - step) / 1000, time=time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        body = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
+                          if k not in ("step", "time", "ms_per_it", "eta_s"))
+        print(f"step {step}/{self.total} | {body} | {ms:.0f} ms/it | eta {_hms(rec['eta_s'])}", flush=True)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def _hms(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def save_grid(images, path, nrow=10):
+    """Save images [N, 3, 32, 32] in [-1, 1] as a PNG grid, nrow per row."""
+    import torchvision
+    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+
+
+@torch.no_grad()
+def class_grid(generate, device, path, per_class=10, batch=100):
+    """samples.png: rows are classes 0..9, columns seeds; sample i uses seed i and label i mod 10.
+    generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]."""
+    seeds = [c + NUM_CLASSES * k for c in range(NUM_CLASSES) for k in range(per_class)]
+    out = []
+    for i in range(0, len(seeds), batch):
+        noise, labels, renoise = seeded_batch(seeds[i:i + batch], device)
+        out.append(generate(noise, labels, renoise).float().cpu())
+    save_grid(torch.cat(out), path, nrow=per_class)
+
+
+# --- Command line: shared flags, presets, validation (DESIGN §4, §7) ---
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`prog: error: ...`, no usage dump) and defaults in --help."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def _weight(s):
+    try:
+        w = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(w) or w < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be a finite non-negative weight")
+    return w
+
+
+def _triple(s):
+    parts = s.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{s!r} must be three comma-separated weights F,T,S")
+    w = [_weight(p) for p in parts]
+    if sum(w) == 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: the weights sum to zero")
+    return w
+
+
+def _fraction(s):
+    w = _weight(s)
+    if w > 1:
+        raise argparse.ArgumentTypeError(f"{s!r} must lie in [0, 1]")
+    return w
+
+
+def _positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
+    return n
+
+
+def _count(s):
+    return 0 if s.strip() == "0" else _positive_int(s)
+
+
+def add_common_args(p):
+    """Flags every script shares (DESIGN §7). Defaults of None come from the --preset."""
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=["auto", "smoke", "cifar10"], default="auto",
+                   help="smoke: tiny UNet on the synthetic set, minutes on a CPU; cifar10: the single-GPU "
+                        "configuration; auto: cifar10 when CUDA is present, else smoke")
+    g.add_argument("--dataset", choices=["cifar10", "synthetic"], default=None,
+                   help="training data (preset: cifar10 / synthetic); ignored when --data-dir is given")
+    g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
+                   help="image-folder dataset train/<class>/* as a directory or .zip (e.g. "
+                        "../shared/data/cifar10-jpeg-train.zip); env DDIL_DATA_DIR")
+    g.add_argument("--teacher", default="auto", help="teacher checkpoint PATH, or auto: train/reuse runs/teacher-<preset>")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w of the teacher (1 = none) (preset)")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random in training")
+    g.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
+    g.add_argument("--out", default=None, help="run directory (default runs/<method>-<preset>-<settings>-s<seed>)")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=_positive_int, default=None, help="training iterations (preset)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="examples per iteration (preset)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (preset)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used for sampling (preset)")
+    g.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="bf16 autocast (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g = p.add_argument_group("logging, checkpoints and evaluation")
+    g.add_argument("--log-every", type=_positive_int, default=None, help="iterations per log line (preset)")
+    g.add_argument("--save-every", type=_positive_int, default=None, help="iterations per checkpoint (preset)")
+    g.add_argument("--eval-every", type=_count, default=None, help="iterations per evaluation, 0 = only at the end (preset)")
+    g.add_argument("--eval-samples", type=_count, default=None,
+                   help="samples for the metrics (fid<N>_train ...); 0 = no metrics (preset)")
+    return p
+
+
+def add_ddil_args(p, critic=False):
+    """The DDIL mixture and thresholding flags (DESIGN §4), identical in every method script."""
+    g = p.add_argument_group("DDIL mixture (values are this project's choices: the paper gives none)")
+    for name, sym in (("fwd", "β_frwd: forward-diffused data"), ("teacher", "β_teach_bckwrd: teacher backward rollouts"),
+                      ("student", "β_student_bckwrd: the student's own backward rollouts")):
+        g.add_argument(f"--beta-{name}", type=_weight, nargs="?", const=1.0, default=None, metavar="W",
+                       help=f"prior weight of {sym}; a bare flag means 1; weights are normalised to sum to 1; "
+                            "with no beta flag the method's own baseline source is used")
+    g.add_argument("--prior-schedule", choices=["constant", "linear", "cosine", "step"], default=None,
+                   help="dynamic schedule moving the priors from --prior-start to the beta weights over "
+                        "--prior-warmup (default constant; linear with --ddil)")
+    g.add_argument("--prior-start", type=_triple, default=[1.0, 0.0, 0.0], metavar="F,T,S",
+                   help="start priors (fwd, teacher, student) of a dynamic schedule (early student rollouts are noise)")
+    g.add_argument("--prior-warmup", type=_fraction, default=None,
+                   help="fraction of training over which the schedule moves (default 0.3)")
+    g.add_argument("--expert-prob", type=_fraction, default=0.0,
+                   help="DAgger mixture: probability that the teacher takes each step of a student backward rollout")
+    g.add_argument("--buffer-size", type=_count, default=None,
+                   help="replay buffer of backward states per source, 0 = always fresh (default 0; 4096 with --ddil)")
+    g.add_argument("--buffer-refresh", type=_fraction, default=None,
+                   help="fraction of the backward part of each batch rolled out fresh (default 0.25)")
+    g.add_argument("--teacher-rollout-steps", type=_positive_int, default=32,
+                   help="teacher DDIM steps per unit time in backward rollouts (a grid containing the student's)")
+    g.add_argument("--ddil", action="store_true",
+                   help="the project's default DDIL mixture (our choice): (β_frwd, β_teach, β_student) = "
+                        "(0.5, 0.1, 0.4), linear schedule from (1, 0, 0) over the first 30%% of training, buffer "
+                        "4096 per source refreshed 25%% per iteration; explicit flags override any part")
+    g = p.add_argument_group("thresholding of x̂_0 (reflected diffusion)")
+    g.add_argument("--reflected", action="store_true", help="turn on every thresholding flag of this method")
+    g.add_argument("--threshold-teacher", action="store_true", help="threshold the teacher's x̂_0")
+    g.add_argument("--threshold-student", action="store_true", help="threshold the student's target and output x̂_0")
+    if critic:
+        g.add_argument("--threshold-critic", action="store_true", help="threshold the fake-score critic's x̂_0")
+    g.add_argument("--threshold-mode", choices=["static", "dynamic"], default="static",
+                   help="static: clamp to [-1, 1]; dynamic: Imagen percentile thresholding")
+    g.add_argument("--threshold-percentile", type=_fraction, default=0.995,
+                   help="percentile p of |x̂_0| for dynamic thresholding")
+    return p
+
+
+# Flags that do not change what is trained, so they do not name the run directory.
+_NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "data_dir", "dataset", "amp", "compile",
+                 "log_every", "save_every", "eval_every", "eval_samples", "iters"}
+
+
+def resolve(p, args, method, presets, default_source=None):
+    """Fill preset values, expand --ddil / --reflected, validate, name the run directory.
+    presets: {'smoke': {dest: value}, 'cifar10': {...}} for every flag whose default is None."""
+    settings = [a for a in p._actions if a.dest not in _NOT_SETTINGS and a.dest != "help"
+                and getattr(args, a.dest) != a.default]
+    name = "-".join(a.dest if a.const is True else f"{a.dest}={_compact(getattr(args, a.dest))}" for a in settings)
+    cuda = torch.cuda.is_available()
+    if args.device == "auto":
+        args.device = "cuda" if cuda else "cpu"
+    if args.preset == "auto":
+        args.preset, args.preset_reason = ("cifar10", "auto: CUDA present") if cuda else ("smoke", "auto: no CUDA")
+    else:
+        args.preset_reason = "--preset"
+    for k, v in presets[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.preset_dataset = presets[args.preset]["dataset"]
+    if args.data_dir:
+        args.dataset = "folder"
+    if hasattr(args, "ddil"):
+        _resolve_ddil(args, default_source)
+    if args.out is None:
+        args.out = default_run_dir(method, args, name)
+    return args
+
+
+def default_run_dir(method, args, settings="", seed=None):
+    """runs/<method>-<preset>[-<data>][-<settings>]-s<seed>; <data> only when not the preset's own."""
+    data = os.path.splitext(os.path.basename(args.data_dir.rstrip("/")))[0] if args.data_dir else args.dataset
+    data = "" if data == args.preset_dataset else data
+    seed = args.seed if seed is None else seed
+    return os.path.join("runs", "-".join(x for x in (method, args.preset, data, settings, f"s{seed}") if x))
+
+
+def _compact(v):
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _resolve_ddil(args, default_source):
+    if args.ddil:   # DESIGN §4 defaults; any explicit flag wins
+        for k, v in (("beta_fwd", 0.5), ("beta_teacher", 0.1), ("beta_student", 0.4)):
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        args.prior_schedule = args.prior_schedule or "linear"
+        args.buffer_size = 4096 if args.buffer_size is None else args.buffer_size
+    betas = [args.beta_fwd, args.beta_teacher, args.beta_student]
+    if all(b is None for b in betas):   # no beta flag: the method's own baseline source
+        betas = [float(s == default_source) for s in SOURCES]
+    betas = [b or 0.0 for b in betas]
+    if sum(betas) == 0:
+        raise UserError("--beta-fwd/--beta-teacher/--beta-student: the weights sum to zero; give at least one positive weight")
+    args.priors = [b / sum(betas) for b in betas]
+    args.prior_schedule = args.prior_schedule or "constant"
+    args.prior_warmup = 0.3 if args.prior_warmup is None else args.prior_warmup
+    args.buffer_size = 0 if args.buffer_size is None else args.buffer_size
+    args.buffer_refresh = 0.25 if args.buffer_refresh is None else args.buffer_refresh
+    if args.buffer_size and args.buffer_refresh == 0:
+        raise UserError("--buffer-refresh 0 would never put a state in the replay buffer; use a value in (0, 1]")
+    if args.reflected:
+        for k in ("threshold_teacher", "threshold_student", "threshold_critic"):
+            if hasattr(args, k):
+                setattr(args, k, True)
+
+
+def clip_spec(args, on):
+    """(mode, percentile) for `threshold` / `denoise`: mode None when this network is not thresholded."""
+    return (args.threshold_mode if on else None, args.threshold_percentile)
+
+
+def make_sampler(args, data):
+    """The DDIL input sampler configured from the resolved flags."""
+    return DDILSampler(data, args.priors, args.prior_start, args.prior_schedule, args.prior_warmup,
+                       args.buffer_size, args.buffer_refresh, args.expert_prob, args.teacher_rollout_steps)
+
+
+def dry_run(args):
+    print(json.dumps(vars(args), indent=2, default=str))
+
+
+def run_main(main, argv=None):
+    """Run a script's main(); a UserError or an interrupted start becomes one line on stderr."""
+    try:
+        return main(argv)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,176 @@
+"""Train the class-conditional diffusion teacher that every DDIL student distils.
+
+v-prediction on the variance-preserving cosine schedule (Salimans & Ho 2022, arXiv 2202.00512):
+
+    t ~ U(0, 1),  z_t = alpha_t x_0 + sigma_t ε,  v = alpha_t ε - sigma_t x_0,   L = E ‖v̂_θ(z_t, t, y) - v‖²
+
+(the v-MSE is the x_0-MSE weighted by SNR + 1). Labels are dropped to the null class with
+probability --p-uncond so that one network gives both scores of classifier-free guidance (Ho &
+Salimans 2022, arXiv 2207.12598). Sampling is DDIM with CFG (common.sample). The EMA weights are
+what the students load.
+
+    python teacher.py --preset smoke                      # ~1 minute on a 2-core CPU, synthetic data
+    python teacher.py --preset cifar10                    # one GPU: see --preset cifar10 below
+    python teacher.py --preset cifar10 --data-dir ../shared/data/cifar10-jpeg-train.zip
+
+The method scripts call this file themselves when --teacher auto finds no finished teacher under
+runs/teacher-<preset>. Rerunning the same command resumes from ckpt.pt.
+"""
+
+import argparse
+import os
+
+import torch
+
+import common
+from common import NULL_CLASS, alpha_sigma
+
+# Preset values of every flag whose default is None. cifar10 is sized for about an hour on one
+# H100 in bf16 (38 M parameters, the DDPM CIFAR-10 UNet; see BENCHMARKS.md for the measured rate).
+PRESETS = {
+    "smoke": dict(dataset="synthetic", ch=32, ch_mult="1,2,2", num_blocks=1, dropout=0.0, iters=160,
+                  batch_size=32, lr=2e-3, ema=0.99, warmup=20, guidance=1.5, log_every=20, save_every=50,
+                  eval_every=0, eval_samples=0, sample_steps=16),
+    "cifar10": dict(dataset="cifar10", ch=128, ch_mult="1,2,2,2", num_blocks=2, dropout=0.1, iters=80_000,
+                    batch_size=128, lr=2e-4, ema=0.9999, warmup=1000, guidance=1.5, log_every=200,
+                    save_every=5000, eval_every=0, eval_samples=10_000, sample_steps=32),
+}
+
+
+def parse_args(argv=None):
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    g = p.add_argument_group("teacher network and loss")
+    g.add_argument("--ch", type=common._positive_int, default=None, help="UNet base channels (preset)")
+    g.add_argument("--ch-mult", default=None, help="channel multiplier per resolution, e.g. 1,2,2,2 (preset)")
+    g.add_argument("--num-blocks", type=common._positive_int, default=None, help="ResBlocks per resolution (preset)")
+    g.add_argument("--attn-res", default="16", help="resolutions with self-attention, comma-separated")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in ResBlocks (preset)")
+    g.add_argument("--p-uncond", type=common._fraction, default=0.1, help="label dropout for CFG (null class)")
+    g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips of the data")
+    g.add_argument("--sample-steps", type=common._positive_int, default=None, help="DDIM steps for samples.png (preset)")
+    args = p.parse_args(argv)
+    common.resolve(p, args, "teacher", PRESETS)
+    try:
+        args.ch_mult = [int(c) for c in str(args.ch_mult).split(",")]
+        args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r]
+    except ValueError:
+        raise common.UserError("--ch-mult / --attn-res: give comma-separated integers, e.g. 1,2,2,2") from None
+    return args
+
+
+def auto_argv(args, out):
+    """teacher.py arguments for --teacher auto, from a method script's resolved args."""
+    argv = ["--preset", args.preset, "--device", args.device, "--out", out, "--amp", args.amp]
+    argv += ["--data-dir", args.data_dir] if args.data_dir else ["--dataset", args.dataset]
+    return argv + (["--compile"] if args.compile else [])
+
+
+# --- Loss: v-prediction with label dropout ---
+
+def teacher_loss(net, x0, y, p_uncond):
+    """Per-example ‖v̂ - v‖² (mean over pixels) at t ~ U(0, 1). x0: [B, 3, 32, 32] in [-1, 1]."""
+    t = torch.rand(x0.shape[0], device=x0.device)
+    alpha_t, sigma_t = (common._bc(a, x0) for a in alpha_sigma(t))
+    eps = torch.randn_like(x0)
+    z_t = alpha_t * x0 + sigma_t * eps
+    v = alpha_t * eps - sigma_t * x0                                      # regression target
+    y = torch.where(torch.rand_like(t) < p_uncond, torch.full_like(y, NULL_CLASS), y)
+    return (net(z_t, t, y).float() - v).square().mean(dim=(1, 2, 3))
+
+
+# --- Sampling (used by samples.png and eval.py) ---
+
+def make_generator(ckpt, device, steps=32, guidance=None):
+    """generate(noise, labels, renoise) -> x̂_0 with the EMA teacher: DDIM, `steps` uniform steps, CFG."""
+    net = common.build_unet(ckpt["unet"], device)
+    net.load_state_dict(ckpt["nets"]["ema"])
+    net.eval().requires_grad_(False)
+    w = ckpt["config"]["guidance"] if guidance is None else guidance
+    times = torch.linspace(1, 0, steps + 1).tolist()
+    return lambda noise, labels, renoise=None: common.sample(
+        lambda z, t, y: common.denoise(net, z, t, y, w), noise, labels, times)
+
+
+# --- Training loop ---
+
+def train(args):
+    ckpt_path = common.prepare_run(args, "teacher")
+    device = torch.device(args.device)
+    common.seed_everything(args.seed)
+    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
+    unet_config = dict(ch=args.ch, ch_mult=args.ch_mult, num_blocks=args.num_blocks, attn_res=args.attn_res,
+                       dropout=args.dropout)
+    net = common.build_unet(unet_config, device)
+    ema = common.build_unet(unet_config, device).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    opt = common.optimizer(net.parameters(), args.lr, device)
+    step = 0
+    if os.path.exists(ckpt_path):                               # resume
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        net.load_state_dict(ckpt["nets"]["model"]), ema.load_state_dict(ckpt["nets"]["ema"])
+        opt.load_state_dict(ckpt["opts"]["model"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"teacher UNet: {n_params / 1e6:.2f} M parameters, {len(data)} training images ({args.dataset})")
+    model = common.maybe_compile(net, args)
+
+    def save():
+        common.save_checkpoint(ckpt_path, dict(
+            step=step, config=vars(args), unet=unet_config, nets=dict(model=net.state_dict(), ema=ema.state_dict()),
+            opts=dict(model=opt.state_dict()), rng=common.rng_state()))
+
+    log = common.RunLog(args.out, args.iters, step)
+    loss_sum = torch.zeros((), device=device)
+    with common.GracefulStop() as stop:
+        while step < args.iters:
+            for group in opt.param_groups:
+                group["lr"] = common.lr_at(step, args.lr, args.warmup)
+            x0, y = data.batch(args.batch_size, hflip=args.hflip)
+            if device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with common.autocast(args):
+                loss = teacher_loss(model, x0, y, args.p_uncond).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            common.ema_update(ema, net, args.ema, step)
+            loss_sum += loss.detach()
+            step += 1
+            if step % args.log_every == 0 or step == args.iters:
+                n = args.log_every if step % args.log_every == 0 else step % args.log_every
+                log.write(step, loss=loss_sum / n, lr=opt.param_groups[0]["lr"])
+                loss_sum.zero_()
+            if step % args.save_every == 0 or step == args.iters or stop.requested:
+                save()
+            if stop.requested:
+                print(f"stopped at step {step}; rerun the same command to resume")
+                return None
+    return finish(args, ckpt_path, device)
+
+
+def finish(args, ckpt_path, device):
+    """samples.png (class-by-seed grid) and, with --eval-samples, metrics.json."""
+    ckpt = common.load_checkpoint(ckpt_path, device)
+    generate = make_generator(ckpt, device, args.sample_steps)
+    with common.autocast(args):
+        common.class_grid(generate, device, os.path.join(args.out, "samples.png"))
+    if args.eval_samples:
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    print(f"done: {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return common.dry_run(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
