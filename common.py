@@ -561,19 +561,23 @@ def prepare_run(args, method):
 
 class RunLog:
     """One printed line per interval and the same numbers appended to log.jsonl. Values may be device
-    tensors: they are read (one host sync) only here, at log time."""
+    tensors: they are read (one host sync) only here, at log time. ms/it is over the last interval
+    (so it excludes start-up once past the first line); peak GPU memory is added on CUDA."""
 
     def __init__(self, out_dir, total_steps, start_step=0):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.total, self.t0, self.s0 = total_steps, time.time(), start_step
+        self.total, self.t_last, self.s_last = total_steps, time.time(), start_step
 
     def write(self, step, **values):
         rec = {"step": step}
         for k, v in values.items():
-            rec[k] = float(v) if isinstance(v, torch.Tensor) or isinstance(v, (float, int, np.floating)) else v
-        dt = time.time() - self.t0
-        ms = 1000 * dt / max(1, step - self.s0)
-        rec.update(ms_per_it=ms, eta_s=ms * (self.total - step) / 1000, time=time.time())
+            rec[k] = float(v) if isinstance(v, (torch.Tensor, float, int, np.floating)) else v
+        now = time.time()
+        ms = 1000 * (now - self.t_last) / max(1, step - self.s_last)
+        self.t_last, self.s_last = now, step
+        if torch.cuda.is_available():
+            rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        rec.update(ms_per_it=ms, eta_s=ms * (self.total - step) / 1000, time=now)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         body = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
@@ -663,7 +667,7 @@ def _count(s):
     return 0 if s.strip() == "0" else _positive_int(s)
 
 
-def add_common_args(p):
+def add_common_args(p, student=True):
     """Flags every script shares (DESIGN §7). Defaults of None come from the --preset."""
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=["auto", "smoke", "cifar10"], default="auto",
@@ -674,7 +678,9 @@ def add_common_args(p):
     g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
                    help="image-folder dataset train/<class>/* as a directory or .zip (e.g. "
                         "../shared/data/cifar10-jpeg-train.zip); env DDIL_DATA_DIR")
-    g.add_argument("--teacher", default="auto", help="teacher checkpoint PATH, or auto: train/reuse runs/teacher-<preset>")
+    if student:
+        g.add_argument("--teacher", default="auto",
+                       help="teacher checkpoint PATH, or auto: reuse (or train with teacher.py) runs/teacher-<preset>-s0")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale w of the teacher (1 = none) (preset)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random in training")

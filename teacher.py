@@ -39,7 +39,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = common.Parser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p)
+    common.add_common_args(p, student=False)
     g = p.add_argument_group("teacher network and loss")
     g.add_argument("--ch", type=common._positive_int, default=None, help="UNet base channels (preset)")
     g.add_argument("--ch-mult", default=None, help="channel multiplier per resolution, e.g. 1,2,2,2 (preset)")
@@ -146,6 +146,10 @@ def train(args):
                 loss_sum.zero_()
             if step % args.save_every == 0 or step == args.iters or stop.requested:
                 save()
+            if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
+                save()
+                import eval as evaluation
+                evaluation.evaluate_run(args.out, args.eval_samples, args.device)
             if stop.requested:
                 print(f"stopped at step {step}; rerun the same command to resume")
                 return None
