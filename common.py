@@ -438,6 +438,7 @@ def resolve_teacher(args):
     if args.teacher != "auto":
         if not os.path.isfile(args.teacher):
             raise UserError(f"--teacher {args.teacher}: no such checkpoint (train one with teacher.py, or --teacher auto)")
+        args.teacher_path = args.teacher
         return args.teacher
     import teacher   # the teacher script trains and caches it; imported here to keep it optional
     out = default_run_dir("teacher", args, seed=0)      # what `python teacher.py --preset P` writes
@@ -447,6 +448,7 @@ def resolve_teacher(args):
         print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py")
         if teacher.main(teacher.auto_argv(args, out)) is None:
             raise UserError("teacher training was stopped; rerun to resume it")
+    args.teacher_path = path          # recorded in the run's checkpoint config (eval, ablate read it)
     return path
 
 
