@@ -1,0 +1,294 @@
+"""Progressive Distillation (PD) + DDIL: distil the teacher into a K-step DDIM student.
+
+Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv 2202.00512,
+Algorithm 2; DDIL: Garrepalli et al., arXiv 2410.11971 (the input mixture and thresholding, DESIGN §4).
+
+Rounds halve the sampler's step count from N_0 = --start-steps to K = --steps. In a round whose
+student takes n steps (step 1/n) the round teacher η takes two DDIM half-steps (0.5/n each) from z_t:
+
+    t' = t - 0.5/n,  t'' = t - 1/n
+    z_t'  = alpha_t'  x̂_η(z_t)  + sigma_t'  (z_t  - alpha_t  x̂_η(z_t))  / sigma_t          (DDIM)
+    z_t'' = alpha_t'' x̂_η(z_t') + sigma_t'' (z_t' - alpha_t' x̂_η(z_t')) / sigma_t'
+    x̃ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)     (Alg. 2: the x̂_0
+        that makes ONE student DDIM step t -> t'' land on z_t''; at t'' = 0 it is x̂_η(z_t'))
+    L_θ = max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖²,  SNR_t = alpha_t² / sigma_t²        ("truncated SNR" weighting)
+
+and after the round the student becomes the next round's teacher (η ← θ). The inputs z_t come from
+the DDIL mixture: forward diffusion at t = i/n (PD's own source, the baseline), teacher backward
+rollouts, and the student's own n-step DDIM rollouts, all at times of the student's current grid.
+Round 1's teacher is the CFG-guided original teacher, so guidance is baked into every student.
+The DDIL prior schedule (--prior-schedule, --prior-warmup) restarts in every round (progress is the
+position within the round) and the replay buffer is emptied between rounds: both belong to one grid.
+
+    python ddil_pd.py --preset smoke                            # baseline PD (forward inputs only)
+    python ddil_pd.py --preset smoke --ddil --reflected         # + DDIL mixture + thresholding
+    python ddil_pd.py --preset cifar10 --ddil --data-dir ../shared/data/cifar10-jpeg-train.zip
+
+Measured (smoke, seed 0, --eval-samples 0, otherwise idle 2-core CPU): baseline 42 s, final loss
+1.0e-3; --ddil --reflected 57 s, final loss 1.5e-3 (losses of different input mixtures are not
+comparable); both 4-step samples.png look like the teacher's 32-step ones. Rerunning resumes from ckpt.pt.
+"""
+
+import copy
+import os
+
+import torch
+
+import common
+from common import alpha_sigma, ddim_step, threshold
+
+# Preset values of every flag whose default is None.
+# smoke: rounds 16 -> 8 -> 4 (two rounds of 40 iterations), about a minute on a 2-core CPU.
+# cifar10: rounds 64 -> 32 -> 16 -> 8 -> 4, 10k iterations each at batch 128 (the paper: 50k per round
+# from 8192 steps; we start at twice the teacher preset's 32 sampling steps, so round 1's teacher is at
+# least the sampler the teacher was judged with). Estimated from the teacher preset's rate, not
+# measured: about 1 h baseline on one H100 in bf16 (2 CFG teacher forwards at 2B + 1 student
+# forward/backward per iteration), 1.5-2 h with --ddil (teacher rollouts on --teacher-rollout-steps).
+# lr 5e-5, no warm-up, linear anneal to 0 within each round, grad clip 1: Google's cifar_distill.py.
+PRESETS = {
+    "smoke": dict(dataset="synthetic", start_steps=16, iters=80, batch_size=16, lr=5e-4, warmup=5, ema=0.99,
+                  guidance=1.5, log_every=10, save_every=40, eval_every=0, eval_samples=100),
+    "cifar10": dict(dataset="cifar10", start_steps=64, iters=40_000, batch_size=128, lr=5e-5, warmup=0,
+                    ema=0.999, guidance=1.5, log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
+}
+
+
+def parse_args(argv=None):
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    common.add_ddil_args(p)
+    g = p.add_argument_group("progressive distillation (Salimans & Ho 2022, Alg. 2)")
+    g.add_argument("--steps", type=common._positive_int, default=4,
+                   help="K: DDIM steps of the final student (the last round's n)")
+    g.add_argument("--start-steps", type=common._positive_int, default=None,
+                   help="N_0: DDIM steps of the original teacher in round 1; each round halves it, so "
+                        "N_0 / K must be a power of two >= 2; --iters is split equally over the "
+                        "log2(N_0 / K) rounds (preset)")
+    g.add_argument("--warmup", type=common._count, default=None,
+                   help="learning-rate warm-up iterations at the start of each round; the rate then "
+                        "anneals linearly to 0 by the round's end (Google's PD configs) (preset)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of θ (0 = off)")
+    args = p.parse_args(argv)
+    common.resolve(p, args, "pd", PRESETS, default_source="fwd")
+    ratio = args.start_steps // args.steps
+    if args.start_steps % args.steps or ratio < 2 or ratio & (ratio - 1):
+        raise common.UserError(f"--start-steps {args.start_steps} / --steps {args.steps} must be a power of two "
+                               ">= 2 (each PD round halves the steps), e.g. --start-steps 16 --steps 4")
+    if args.grad_clip < 0:
+        raise common.UserError(f"--grad-clip {args.grad_clip}: give a maximum gradient norm >= 0 (0 = off)")
+    if args.iters < num_rounds(args):
+        raise common.UserError(f"--iters {args.iters} is fewer than the {num_rounds(args)} PD rounds "
+                               f"from --start-steps {args.start_steps} to --steps {args.steps}")
+    return args
+
+
+# --- PD rounds: which round a step belongs to, and its grid ---
+
+def num_rounds(args):
+    return (args.start_steps // args.steps).bit_length() - 1          # log2(N_0 / K)
+
+
+def round_starts(args):
+    """First step of each round and --iters at the end: the iterations split equally over the rounds."""
+    R = num_rounds(args)
+    return [r * args.iters // R for r in range(R)] + [args.iters]
+
+
+def student_steps(args, r):
+    """n, the student's step count in round r (0-based): N_0 / 2^(r+1); the round teacher takes 2n."""
+    return args.start_steps >> (r + 1)
+
+
+def grid(n):
+    """The n-step student grid [1, (n-1)/n, ..., 0] (descending, for the sampler) and the forward
+    training times t = i/n, i = 1..n (Alg. 2's t = i/N, i ~ Cat[1..N])."""
+    return torch.linspace(1, 0, n + 1).tolist(), torch.arange(1, n + 1, dtype=torch.float32) / n
+
+
+# --- PD target and loss (Alg. 2) ---
+
+def pd_target(teacher_fn, z_t, t, y, n, clip=(None, 0.995)):
+    """x̃ [B, 3, 32, 32]: the x̂_0 that makes one student DDIM step t -> t'' = t - 1/n land where two
+    teacher DDIM half-steps land. teacher_fn(z, t, y) -> raw x̂_0 (CFG inside); `clip` thresholds it in
+    both half-steps (--threshold-teacher). z_t: [B, 3, 32, 32]; t: [B] on the student grid i/n.
+    Also returns the raw teacher x̂_0 of both half-steps [2B, 3, 32, 32] (for the clip statistic)."""
+    t1, t2 = t - 0.5 / n, t - 1.0 / n                                     # t', t''
+    x0_a = teacher_fn(z_t, t, y)
+    z_1 = ddim_step(z_t, t, t1, threshold(x0_a, *clip))                  # z_t'
+    x0_b = teacher_fn(z_1, t1, y)
+    z_2 = ddim_step(z_1, t1, t2, threshold(x0_b, *clip))                 # z_t''
+    # "x-target implied by z_teacher" (Google dpm.py): solve z_t'' = alpha_t'' x̃ + sigma_t'' (z_t -
+    # alpha_t x̃) / sigma_t, one student DDIM step with x̂_0 = x̃, for x̃.
+    alpha_t, sigma_t = (common._bc(a.to(z_t.device), z_t) for a in alpha_sigma(t))
+    alpha_2, sigma_2 = (common._bc(a.to(z_t.device), z_t) for a in alpha_sigma(t2))
+    x_tilde = (z_2 - (sigma_2 / sigma_t) * z_t) / (alpha_2 - (sigma_2 / sigma_t) * alpha_t)
+    # At the last grid step (t'' = 0) the sampler returns x̂_0 itself instead of a DDIM step
+    # (common.sampler_step), so the teacher's second half-step lands on x̂_η(z_t'): that is the target.
+    # (The formula would give z_t'' at the clipped t'' = T_MIN: almost, but not exactly, x̂_η(z_t').)
+    last = common._bc(t2 < 0.5 / n, z_t)
+    return torch.where(last, threshold(x0_b, *clip), x_tilde), torch.cat([x0_a, x0_b])
+
+
+def pd_loss(student, teacher_fn, z_t, t, y, n, teacher_clip, student_clip):
+    """Per-example max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖² (mean over pixels) [B], and the raw teacher x̂_0.
+    The student's x̂_0 is not thresholded here (a clamp would zero its gradient); --threshold-student
+    clips the target x̃ instead, and the student's x̂_0 in rollouts and samples."""
+    with torch.no_grad():
+        x_tilde, x0_teacher = pd_target(teacher_fn, z_t, t, y, n, teacher_clip)
+        x_tilde = threshold(x_tilde, *student_clip)
+    alpha_t, sigma_t = (a.to(z_t.device) for a in alpha_sigma(t))
+    weight = (alpha_t ** 2 / sigma_t ** 2).clamp(min=1.0)               # max(SNR_t, 1), [B]
+    x0_student = common.denoise(student, z_t, t, y)                      # x̂_θ(z_t), w = 1: CFG is baked in
+    return weight * (x0_student - x_tilde).square().mean(dim=(1, 2, 3)), x0_teacher
+
+
+# --- Sampling (samples.png and eval.py) ---
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: the K-step DDIM sampler of nets["ema"]
+    with the run's student thresholding (DDIM is deterministic: renoise is ignored). A checkpoint
+    from an earlier round is sampled with K steps too, i.e. before the student was trained for them."""
+    cfg = ckpt["config"]
+    net = common.build_unet(ckpt["unet"], device)
+    net.load_state_dict(ckpt["nets"]["ema"])
+    net.eval().requires_grad_(False)
+    clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
+    times, _ = grid(cfg["steps"])
+    return lambda noise, labels, renoise=None: common.sample(
+        lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip), noise, labels, times)
+
+
+# --- Training loop ---
+
+def train(args):
+    ckpt_path = common.prepare_run(args, "pd")
+    device = torch.device(args.device)
+    common.seed_everything(args.seed)
+    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
+    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    student = common.build_unet(unet_config, device)
+    student.load_state_dict(teacher_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    opt = common.optimizer(student.parameters(), args.lr, device)
+    sampler = common.make_sampler(args, data)
+    teacher_clip = common.clip_spec(args, args.threshold_teacher)
+    student_clip = common.clip_spec(args, args.threshold_student)
+    # Round 1's teacher is the original teacher with CFG; later rounds' teacher is a frozen copy of the
+    # previous round's student, whose guidance is baked in (w = 1). Alg. 2 writes η ← θ; like Google's
+    # code (which distils from the previous stage's EMA params) we copy the EMA, the net we sample with.
+    round_teacher, step, rnd = teacher, 0, 0
+    if os.path.exists(ckpt_path):                                         # resume
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        student.load_state_dict(ckpt["nets"]["student"]), ema.load_state_dict(ckpt["nets"]["ema"])
+        opt.load_state_dict(ckpt["opts"]["student"])
+        sampler.load_state_dict(ckpt["sampler"])
+        step, rnd = ckpt["step"], ckpt["round"]
+        if rnd > 0:                                   # deepcopy, not build_unet: no draws from the RNG
+            round_teacher = copy.deepcopy(ema).eval()
+            round_teacher.load_state_dict(ckpt["nets"]["round_teacher"])
+        common.set_rng_state(ckpt["rng"])                                 # last: nothing may draw after it
+        print(f"resumed from {ckpt_path} at step {step} (round {rnd + 1})")
+    starts = round_starts(args)
+    print(f"PD rounds (student steps): {[student_steps(args, r) for r in range(num_rounds(args))]}, "
+          f"starting at steps {starts[:-1]}; {len(data)} training images ({args.dataset})")
+    model, teacher_model = common.maybe_compile(student, args), common.maybe_compile(teacher, args)
+    round_model = teacher_model if rnd == 0 else common.maybe_compile(round_teacher, args)
+
+    def save():
+        common.save_checkpoint(ckpt_path, dict(
+            step=step, round=rnd, config=vars(args), unet=unet_config,
+            # round 1's teacher is the --teacher checkpoint itself, so it is not stored twice
+            nets=dict(student=student.state_dict(), ema=ema.state_dict(),
+                      round_teacher=None if rnd == 0 else round_teacher.state_dict()),
+            opts=dict(student=opt.state_dict()), rng=common.rng_state(), sampler=sampler.state_dict()))
+
+    # --- the DDIL mixture's callables: (z, t, y) -> x̂_0, thresholding passed explicitly ---
+    # β_teach_bckwrd rollouts use the ORIGINAL teacher with CFG on --teacher-rollout-steps: it is the
+    # expert whose trajectories DDIL imitates. Every visited state, whatever its source, is labelled by
+    # the round teacher's two half-steps (DAgger: the expert labels the states the learner visits).
+    # Student rollouts use the online student θ, DAgger's "current policy".
+    teacher_fn = lambda z, t, y: common.denoise(teacher_model, z, t, y, args.guidance, clip=teacher_clip)
+    student_fn = lambda z, t, y: common.denoise(model, z, t, y, 1.0, clip=student_clip)
+
+    log = common.RunLog(args.out, args.iters, step)
+    stats = common.SourceStats(device)
+    sums = torch.zeros(3, device=device)                                  # loss, clip fraction, grad norm
+    count = 0
+    with common.GracefulStop() as stop:
+        while step < args.iters:
+            r = sum(s <= step for s in starts[1:-1])
+            if r != rnd:                                                  # Alg. 2 between rounds
+                rnd = r
+                round_teacher = copy.deepcopy(ema).eval().requires_grad_(False)   # η ← θ (EMA)
+                round_model = common.maybe_compile(round_teacher, args)
+                student.load_state_dict(ema.state_dict())                 # θ ← η: start from the new teacher
+                opt = common.optimizer(student.parameters(), args.lr, device)   # fresh moments (Google's code)
+                sampler.reset()                                           # buffered states lie on the old grid
+            n = student_steps(args, rnd)
+            times, fwd_times = grid(n)
+            w_round = args.guidance if rnd == 0 else 1.0
+            round_fn = lambda z, t, y: common.denoise(round_model, z, t, y, w_round)   # raw x̂_η
+            k, length = step - starts[rnd], starts[rnd + 1] - starts[rnd]     # position within the round
+            for group in opt.param_groups:
+                group["lr"] = common.lr_at(k, args.lr, args.warmup) * (1 - k / length)
+            # The prior schedule runs within each round (progress = k / length): every round is a new
+            # distillation problem on a new grid, and its student's early rollouts are off that grid's path.
+            with torch.no_grad(), common.autocast(args):
+                b = sampler.draw(args.batch_size, progress=k / length, fwd_times=fwd_times, times=times,
+                                 student_fn=student_fn, teacher_fn=teacher_fn, renoise=None)
+            z_t = b["x_t"]                                                # [B, 3, 32, 32]
+            if device.type == "cuda":
+                z_t = z_t.contiguous(memory_format=torch.channels_last)
+            with common.autocast(args):
+                losses, x0_teacher = pd_loss(model, round_fn, z_t, b["t"], b["y"], n, teacher_clip, student_clip)
+                loss = losses.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
+            opt.step()
+            common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
+            stats.add(losses, b["source"])
+            sums += torch.stack([loss.detach(), common.out_of_range(x0_teacher), gnorm.detach().float()])
+            count += 1
+            step += 1
+            if step % args.log_every == 0 or step == args.iters:
+                loss_avg, clip, gn = (sums / count).unbind()
+                log.write(step, loss=loss_avg, **stats.summary("loss"), clip=clip, gnorm=gn,
+                          round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
+                sums.zero_()
+                count = 0
+            if step % args.save_every == 0 or step == args.iters or stop.requested:
+                save()
+            if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
+                save()
+                import eval as evaluation
+                evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+            if stop.requested:
+                print(f"stopped at step {step}; rerun the same command to resume")
+                return None
+    return finish(args, ckpt_path, device)
+
+
+def finish(args, ckpt_path, device):
+    """samples.png (class-by-seed grid of the K-step student) and, with --eval-samples, metrics.json."""
+    ckpt = common.load_checkpoint(ckpt_path, device)
+    generate = make_generator(ckpt, device)
+    with common.autocast(args):
+        common.class_grid(generate, device, os.path.join(args.out, "samples.png"))
+    if args.eval_samples:
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    print(f"done: {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return common.dry_run(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
