@@ -1,0 +1,309 @@
+"""LCM-style consistency distillation of the teacher, with DDIL and reflected diffusion.
+
+Latent Consistency Models (Luo et al. 2023, arXiv 2310.04378: §4.2, Algorithm 1 "latent consistency
+distillation"), run here in pixel space, on the consistency models of Song et al. 2023 (arXiv
+2303.01469: §3 parameterisation, §4 consistency distillation, Algorithm 1 multistep sampling). DDIL
+(Garrepalli et al., arXiv 2410.11971) only changes where the training states z_{t_{n+k}} come from
+(DESIGN.md §4); the loss is LCM's.
+
+    skeleton     t_n = n / N, n = 0..N (--solver-steps N); t_0 = 0 is the boundary; n ~ U{0..N-k} (--skip k)
+    consistency  f_θ(z, t) = c_skip(t) z + c_out(t) x̂_0,θ(z, t)                                   (CM §3)
+                 c_skip = σ_d² / ((s t)² + σ_d²),  c_out = s t / sqrt((s t)² + σ_d²),  s = 1000 · 10,  σ_d = 0.5
+    teacher      ẑ_{t_n} = α_{t_n} x̂_0^w + σ_{t_n} (z_{t_{n+k}} − α_{t_{n+k}} x̂_0^w) / σ_{t_{n+k}}   (one DDIM step)
+                 x̂_0^w = x̂_0^∅ + w (x̂_0^c − x̂_0^∅)  (CFG; LCM writes w = 1 + ω);  ẑ_{t_0} = x̂_0^w
+    loss         L = d(f_θ(z_{t_{n+k}}, t_{n+k}), sg f_θ⁻(ẑ_{t_n}, t_n)),   θ⁻ ← μ θ⁻ + (1 − μ) θ   (LCM Alg. 1)
+                 d = pseudo-Huber sqrt(‖Δ‖² + c²) − c over the image (iCT), or the per-pixel mean of Δ²
+    sampling     x̂_0 = f_θ(z_{τ_i}, τ_i);  z_{τ_{i+1}} = α_{τ_{i+1}} x̂_0 + σ_{τ_{i+1}} ε_fresh       (CM Alg. 1)
+
+Departures from LCM, all deliberate: pixel space (no VAE); one fixed guidance w = --guidance instead
+of LCM's ω ~ U[2, 14] with a w-embedding (the student bakes the teacher's CFG in and samples with
+w = 1); continuous time t = t_discrete / 1000, so LCM's 1000-step timesteps map onto t_n = n / N.
+
+    python ddil_lcm.py --preset smoke                              # baseline: forward-diffused data only
+    python ddil_lcm.py --preset smoke --ddil --reflected           # + DDIL mixture + thresholding
+    python ddil_lcm.py --preset cifar10 --ddil --data-dir ../shared/data/cifar10-jpeg-train.zip
+
+Expected result (seed 0, teacher runs/teacher-smoke-s0, --eval-samples 0): the two smoke runs
+take 80 iterations at batch 16; on the shared 2-core CPU under load ≈ 6 (other jobs) they took
+11.8 min (final loss 0.73) and 17.3 min (--ddil --reflected, final loss 1.06); on an idle 2-core
+CPU about 1 and 2 minutes (estimated from the teacher's step rate). samples.png shows the class
+shapes after 4 steps. On one H200 (bf16, no --compile) the cifar10 preset runs at 114 ms/it
+(baseline) and 443 ms/it (--ddil, mostly the teacher's rollouts on small sub-batches).
+CIFAR-10 metrics: not measured yet.
+"""
+
+import os
+
+import torch
+
+import common
+from common import _bc
+
+# Preset values of every flag whose default is None. cifar10: measured on one H200 (bf16, no
+# --compile; not measured on an H100, expect about the same): 114 ms/it, so 20k iterations ≈ 40 min;
+# --ddil runs at 443 ms/it (≈ 2.5 h), the teacher's 32-step-per-unit rollouts on small sub-batches
+# being most of the cost (a lower --buffer-refresh or --teacher-rollout-steps trades freshness or
+# accuracy of the backward states for speed).
+PRESETS = {
+    "smoke": dict(dataset="synthetic", iters=80, batch_size=16, lr=5e-4, ema=0.99, warmup=10, guidance=1.5,
+                  log_every=10, save_every=40, eval_every=0, eval_samples=100),
+    "cifar10": dict(dataset="cifar10", iters=20_000, batch_size=128, lr=2e-4, ema=0.999, warmup=500, guidance=1.5,
+                    log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
+}
+
+
+def parse_args(argv=None):
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    common.add_ddil_args(p)
+    g = p.add_argument_group("LCM consistency distillation (Luo et al. 2023, Alg. 1)")
+    g.add_argument("--solver-steps", type=common._positive_int, default=50,
+                   help="N: skeleton t_n = n/N, n = 0..N, of the teacher's ODE solver (LCM: 50 DDIM timesteps)")
+    g.add_argument("--skip", type=common._positive_int, default=1,
+                   help="k: skipping interval, pairs (t_{n+k}, t_n); 1 on the 50-step skeleton is LCM's k = 20 "
+                        "on 1000 DDPM steps")
+    g.add_argument("--steps", type=common._positive_int, default=4,
+                   help="K: multistep consistency sampling steps, at skeleton indices N - floor(iN/K) "
+                        "(N = 50, K = 4: LCM's timesteps 999, 759, 499, 259)")
+    g.add_argument("--target-ema", type=common._fraction, default=0.95,
+                   help="μ: decay of the target network θ⁻ <- μ θ⁻ + (1 - μ) θ, kept apart from --ema (LCM: 0.95)")
+    g.add_argument("--loss", choices=["huber", "l2"], default="huber",
+                   help="d: pseudo-Huber sqrt(‖Δ‖² + c²) - c over the image (iCT, robust to outlier targets) "
+                        "or l2: per-pixel mean of Δ²")
+    g.add_argument("--huber-c", type=float, default=0.03,
+                   help="c of the pseudo-Huber d: iCT's 0.00054 sqrt(D) for D = 3·32·32 pixels")
+    g.add_argument("--timestep-scaling", type=float, default=10.0,
+                   help="LCM's boundary scaling: c_skip, c_out are evaluated at s t with s = 1000 × this (LCM: 10)")
+    g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
+    args = p.parse_args(argv)
+    common.resolve(p, args, "lcm", PRESETS, default_source="fwd")
+    N, k, K = args.solver_steps, args.skip, args.steps
+    if K * k > N:
+        raise common.UserError(f"--steps {K} × --skip {k} exceeds --solver-steps {N}: every sampling time must sit "
+                               f"at a skeleton index >= k to train as z_(t_(n+k)); lower --steps or --skip or raise "
+                               f"--solver-steps")
+    if not args.huber_c > 0:
+        raise common.UserError(f"--huber-c {args.huber_c}: c must be > 0 (c = 0 has no gradient at Δ = 0)")
+    if not args.timestep_scaling > 0:
+        raise common.UserError(f"--timestep-scaling {args.timestep_scaling}: must be > 0")
+    return args
+
+
+# --- Skeleton and sampling schedule ---
+
+def sampling_times(N, K):
+    """LCM's K-step inference schedule on the skeleton, descending, ending at 0: indices
+    N - floor(i N / K), i = 0..K-1 (diffusers' LCMScheduler). N = 50, K = 4: indices 50, 38, 25, 13 =
+    LCM's timesteps 999, 759, 499, 259 (t_discrete = 20 n - 1). Every index is >= ceil(N / K) >= k."""
+    return [(N - i * N // K) / N for i in range(K)] + [0.0]
+
+
+# --- LCM: boundary scalings, consistency function, teacher solver step, loss ---
+
+SIGMA_DATA = 0.5     # σ_d of LCM's scalings (CM's EDM value)
+
+
+def boundary_scalings(t, timestep_scaling=10.0):
+    """(c_skip, c_out) of LCM (diffusers' scalings_for_boundary_conditions) at t_discrete = 1000 t:
+    c_skip(0) = 1 and c_out(0) = 0 exactly, so f_θ(z, 0) = z. Already at t = 1/50 (s t = 200)
+    c_skip ≈ 6e-6: away from the boundary f_θ is the student's x̂_0."""
+    st = 1000.0 * timestep_scaling * torch.as_tensor(t, dtype=torch.float32)
+    return SIGMA_DATA ** 2 / (st ** 2 + SIGMA_DATA ** 2), st / (st ** 2 + SIGMA_DATA ** 2).sqrt()
+
+
+def consistency_fn(net, z, t, y, timestep_scaling=10.0):
+    """f_θ(z, t) = c_skip(t) z + c_out(t) x̂_0,θ(z, t)  (CM §3). x̂_0,θ from the v-network with w = 1:
+    the student has the teacher's CFG baked in. z: [B, 3, 32, 32]; t: float or [B]. Returns fp32."""
+    c_skip, c_out = (_bc(c.to(z.device), z) for c in boundary_scalings(t, timestep_scaling))
+    return c_skip * z + c_out * common.denoise(net, z, t, y)
+
+
+def teacher_step(teacher, z, t, s, y, guidance, clip):
+    """Ψ: one CFG DDIM step of the teacher from t to s (LCM §4.2 with a DDIM solver). Guiding x̂_0 and
+    then stepping equals LCM's combination of the two DDIM steps, (1 + ω) Ψ_c − ω Ψ_∅, since the step is
+    affine in x̂_0; the guided x̂_0 is thresholded (teacher clip) before the step. At s = 0 the step
+    returns x̂_0 itself. Returns ẑ_s [B, 3, 32, 32] and the un-thresholded x̂_0 (for the clip %)."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=z.device)
+    x0_raw = common.denoise(teacher, z, t, y, guidance)
+    x0 = common.threshold(x0_raw, *clip)
+    z_s = common.ddim_step(z, t, s, x0)
+    return torch.where(_bc(s == 0, z), x0, z_s), x0_raw
+
+
+def distance(pred, target, kind, c):
+    """d per example [B]: 'l2' the per-pixel mean of Δ²; 'huber' the pseudo-Huber sqrt(‖Δ‖² + c²) − c
+    on the whole image (iCT, Song & Dhariwal 2023, arXiv 2310.14189, §3.3). Huber is the default, with
+    iCT's c = 0.00054 sqrt(3·32·32) ≈ 0.03: 32×32 pixel space is the setting iCT tuned c on, and the
+    distance grows like ‖Δ‖, not ‖Δ‖², on large residuals (off-manifold DDIL states, an early θ⁻)."""
+    sq = (pred.float() - target.float()).square().flatten(1)
+    return sq.mean(1) if kind == "l2" else (sq.sum(1) + c * c).sqrt() - c
+
+
+def lcm_loss(f_theta, f_target, teacher, z, n_k, y, *, N, k, guidance, clip_teacher, clip_target, loss, huber_c):
+    """LCM Algorithm 1 on a batch of skeleton states z = z_{t_{n+k}} [B, 3, 32, 32] at indices n_k = n + k
+    [B] (long, in {k..N}). f_theta / f_target: (z, t, y) -> consistency function of θ / θ⁻.
+    Returns the per-example loss [B] and device-scalar stats (clip fractions)."""
+    t_nk, t_n = n_k.float() / N, (n_k - k).float() / N                           # t_{n+k}, t_n
+    with torch.no_grad():                  # sg(·): the target carries no gradient (LCM Alg. 1)
+        z_n, x0_teacher = teacher_step(teacher, z, t_nk, t_n, y, guidance, clip_teacher)   # ẑ_{t_n}
+        target_raw = f_target(z_n, t_n, y)                  # f_θ⁻(ẑ_{t_n}, t_n); = ẑ_{t_0} at t_n = 0
+        target = common.threshold(target_raw, *clip_target)                 # student clip on the target
+    pred = f_theta(z, t_nk, y)                                               # f_θ(z_{t_{n+k}}, t_{n+k})
+    stats = dict(clip=common.out_of_range(x0_teacher), clip_target=common.out_of_range(target_raw))
+    return distance(pred, target, loss, huber_c), stats
+
+
+@torch.no_grad()
+def update_target(target, net, mu):
+    """θ⁻ <- sg(μ θ⁻ + (1 − μ) θ) with LCM's fixed μ (no warm-up, unlike the evaluation EMA)."""
+    torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), 1 - mu)
+
+
+# --- One training step's loss on the DDIL batch ---
+
+def step_loss(args, sampler, progress, student, target, teacher):
+    """Draw the DDIL batch on the skeleton and return (per-example loss [B], stats, source [B]).
+    Forward states sit at t_{n+k}, n ~ U{0..N-k}; backward states at the K-step schedule's times,
+    which are skeleton times with index >= k (parse_args checks K k <= N), trained as z_{t_{n+k}}."""
+    N, k = args.solver_steps, args.skip
+    clip_teacher = common.clip_spec(args, args.threshold_teacher)
+    clip_student = common.clip_spec(args, args.threshold_student)
+    f_theta = lambda z, t, y: consistency_fn(student, z, t, y, args.timestep_scaling)
+    f_target = lambda z, t, y: consistency_fn(target, z, t, y, args.timestep_scaling)
+    # Rollouts use the ONLINE student θ: DAgger's current policy visits the states it is trained on next.
+    student_fn = lambda z, t, y: common.threshold(f_theta(z, t, y), *clip_student)
+    teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, args.guidance, clip=clip_teacher)
+    with torch.no_grad(), common.autocast(args):
+        b = sampler.draw(args.batch_size, progress=progress, fwd_times=torch.arange(k, N + 1) / N,
+                         times=sampling_times(N, args.steps), student_fn=student_fn, teacher_fn=teacher_fn,
+                         renoise=torch.randn_like)     # multistep consistency sampling: fresh ε each step
+    z = b["x_t"]                                                          # [B, 3, 32, 32]
+    if z.is_cuda:
+        z = z.contiguous(memory_format=torch.channels_last)
+    n_k = (b["t"] * N).round().long()                                     # skeleton index n + k
+    with common.autocast(args):
+        loss, stats = lcm_loss(f_theta, f_target, teacher, z, n_k, b["y"], N=N, k=k, guidance=args.guidance,
+                               clip_teacher=clip_teacher, clip_target=clip_student, loss=args.loss,
+                               huber_c=args.huber_c)
+    return loss, stats, b["source"]
+
+
+# --- Sampling (samples.png and eval.py) ---
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: K-step multistep consistency sampling
+    with nets['ema'], the run's skeleton, scalings and student thresholding; renoise(z) gives the fresh ε
+    of each re-noising (global-RNG noise when None)."""
+    cfg = ckpt["config"]
+    net = common.build_unet(ckpt["unet"], device)
+    net.load_state_dict(ckpt["nets"]["ema"])
+    net.eval().requires_grad_(False)
+    clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
+    times = sampling_times(cfg["solver_steps"], cfg["steps"])
+    student_fn = lambda z, t, y: common.threshold(consistency_fn(net, z, t, y, cfg["timestep_scaling"]), *clip)
+    return lambda noise, labels, renoise=None: common.sample(student_fn, noise, labels, times,
+                                                             renoise or torch.randn_like)
+
+
+# --- Training loop ---
+
+def train(args):
+    ckpt_path = common.prepare_run(args, "lcm")
+    device = torch.device(args.device)
+    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
+    common.seed_everything(args.seed)        # after --teacher auto, whose training reseeds the global RNG
+    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    # student θ (online), target θ⁻ (LCM's EMA, part of the loss), ema (evaluation weights): all start
+    # as the teacher's EMA weights.
+    nets = {name: common.build_unet(unet_config, device) for name in ("student", "target", "ema")}
+    for net in nets.values():
+        net.load_state_dict(teacher_ckpt["nets"]["ema"])
+    student, target, ema = nets["student"], nets["target"].requires_grad_(False), nets["ema"].requires_grad_(False)
+    opt = common.optimizer(student.parameters(), args.lr, device)
+    sampler = common.make_sampler(args, data)
+    step = 0
+    if os.path.exists(ckpt_path):                                             # resume
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        for name, net in nets.items():
+            net.load_state_dict(ckpt["nets"][name])
+        opt.load_state_dict(ckpt["opts"]["student"])
+        sampler.load_state_dict(ckpt["sampler"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    print(f"LCM student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters; skeleton "
+          f"N={args.solver_steps}, k={args.skip}; sampling times {sampling_times(args.solver_steps, args.steps)}; "
+          f"priors (fwd, teacher, student) = {[round(p, 3) for p in args.priors]}")
+    model, target_model, teacher_model = (common.maybe_compile(n, args) for n in (student, target, teacher))
+
+    def save():
+        common.save_checkpoint(ckpt_path, dict(
+            step=step, config=vars(args), unet=unet_config, nets={n: net.state_dict() for n, net in nets.items()},
+            opts=dict(student=opt.state_dict()), rng=common.rng_state(), sampler=sampler.state_dict()))
+
+    log = common.RunLog(args.out, args.iters, step)
+    per_source = common.SourceStats(device)
+    sums = dict(loss=torch.zeros((), device=device), clip=torch.zeros((), device=device),
+                clip_target=torch.zeros((), device=device))
+    n_acc = 0
+    with common.GracefulStop() as stop:
+        while step < args.iters:
+            lr = common.lr_at(step, args.lr, args.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, stats, source = step_loss(args, sampler, step / args.iters, model, target_model, teacher_model)
+            opt.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            opt.step()
+            update_target(target, student, args.target_ema)
+            common.ema_update(ema, student, args.ema, step)
+            per_source.add(loss, source)
+            sums["loss"] += loss.detach().mean()
+            sums["clip"] += stats["clip"]
+            sums["clip_target"] += stats["clip_target"]
+            n_acc += 1
+            step += 1
+            if step % args.log_every == 0 or step == args.iters:
+                log.write(step, loss=sums["loss"] / n_acc, **per_source.summary("loss"),
+                          clip_pct=100 * sums["clip"] / n_acc, clip_target_pct=100 * sums["clip_target"] / n_acc,
+                          lr=lr)
+                for v in sums.values():
+                    v.zero_()
+                n_acc = 0
+            if step % args.save_every == 0 or step == args.iters or stop.requested:
+                save()
+            if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
+                save()
+                import eval as evaluation
+                rng = common.rng_state()            # evaluation must not shift the training RNG stream
+                evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+                common.set_rng_state(rng)
+            if stop.requested:
+                print(f"stopped at step {step}; rerun the same command to resume")
+                return None
+    return finish(args, ckpt_path, device)
+
+
+def finish(args, ckpt_path, device):
+    """samples.png (class-by-seed grid) and, with --eval-samples, metrics.json."""
+    ckpt = common.load_checkpoint(ckpt_path, device)
+    generate = make_generator(ckpt, device)
+    with common.autocast(args):
+        common.class_grid(generate, device, os.path.join(args.out, "samples.png"))
+    if args.eval_samples:
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    print(f"done: {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return common.dry_run(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
