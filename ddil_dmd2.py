@@ -1,0 +1,333 @@
+"""DMD2 + DDIL: distribution matching distillation of the teacher into a K-step generator.
+
+DMD2: Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis",
+arXiv 2405.14867; DMD: Yin et al. 2023, arXiv 2311.18828. DDIL: Garrepalli et al., arXiv 2410.11971.
+
+Generator G (the student, initialised from the teacher's EMA weights) maps z_τ to x̂_0 at the K
+fixed times τ_k = 1 - k/K (k = 0..K-1); K-step sampling re-noises each x̂_0 with fresh noise to the
+next τ (K = 1: one step from pure noise). With x = G(z_τ) and two scores of the noised sample
+
+    t ~ U[t_min, t_max],  z_t = alpha_t x + sigma_t ε
+    p_real = x - x̂_0,real(z_t)     real score: the frozen teacher, CFG scale w
+    p_fake = x - x̂_0,fake(z_t)     fake score: the critic, a trainable copy of the teacher, w = 1
+    grad   = (p_real - p_fake) / mean|p_real|       DMD's distribution-matching gradient and weighting
+
+the generator descends the KL(p_fake || p_real) gradient `grad` (applied through a surrogate loss,
+see `distribution_matching_loss`). The critic follows the generator by the denoising loss on
+detached generator samples, --fake-updates times per generator update (DMD2's two time-scale
+update rule). An optional GAN head on the critic's bottleneck (DMD2's GAN loss on real data) adds
+non-saturating softplus losses. No regression loss (DMD2 removes it).
+
+Generator inputs z_τ come from the DDIL mixture (DESIGN §4). With no beta flag: DMD2's own backward
+simulation of its multi-step generator (G's K-step sampler run under no_grad for j ~ U{0..K-1}
+steps, fresh noise at every re-noising; pure noise when K = 1); --beta-fwd adds forward-diffused
+data at the τ_k, --beta-teacher teacher DDIM rollouts. Thresholding (reflected diffusion): --threshold-teacher clips
+x̂_0,real, --threshold-critic x̂_0,fake, --threshold-student G's output; --reflected all three.
+
+    python ddil_dmd2.py --preset smoke                                 # baseline DMD2 (CPU, minutes)
+    python ddil_dmd2.py --preset smoke --beta-fwd --threshold-teacher  # forward inputs, clipped teacher
+    python ddil_dmd2.py --preset cifar10 --ddil --reflected            # the paper's +Reflected+DDIL row
+
+Expected result: the smoke preset is a pipeline check only (20 iterations of a 1.2 M parameter UNet
+on synthetic shapes, seed 0: about 1.5 min on a 2-core CPU without metrics; generator loss stays
+near 0.1 and critic loss near 0.13, both grad norms 0.2-0.4). cifar10 metrics come from the
+ablation runs (ablate.py), not yet measured. Rerunning the same command resumes from ckpt.pt.
+"""
+
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import alpha_sigma
+
+# Preset values of every flag whose default is None (our choices, not tuned). A cifar10 iteration is
+# 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs: measured 0.8-0.9 s on one
+# H200 in bf16 over the first 40 iterations (the baseline; cuDNN still building plans for new rollout
+# sub-batch sizes), so 6000 iterations take about 1.5 h on one H100 (estimate).
+PRESETS = {
+    "smoke": dict(dataset="synthetic", iters=20, batch_size=16, lr=1e-4, lr_critic=1e-4, ema=0.9,
+                  guidance=1.5, log_every=5, save_every=10, eval_every=0, eval_samples=100),
+    "cifar10": dict(dataset="cifar10", iters=6000, batch_size=128, lr=2e-5, lr_critic=2e-5, ema=0.999,
+                    guidance=1.5, log_every=100, save_every=1000, eval_every=0, eval_samples=10_000),
+}
+
+
+def parse_args(argv=None):
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(p)
+    common.add_ddil_args(p, critic=True)
+    g = p.add_argument_group("DMD2 (Yin et al. 2024)")
+    g.add_argument("--steps", type=common._positive_int, default=4,
+                   help="K: generator steps; G is trained and sampled at τ_k = 1 - k/K, k = 0..K-1")
+    g.add_argument("--min-t", type=float, default=0.02, help="t_min of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--max-t", type=float, default=0.98, help="t_max of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--fake-updates", type=common._positive_int, default=5,
+                   help="critic (fake score μ_fake) updates per generator update: the two time-scale rule")
+    g.add_argument("--lr-critic", type=float, default=None, help="AdamW learning rate of the critic μ_fake (preset)")
+    g.add_argument("--warmup", type=common._count, default=0, help="linear learning-rate warm-up iterations of both networks")
+    g.add_argument("--grad-clip", type=float, default=10.0,
+                   help="clip each network's gradient to this global L2 norm (DMD2's max_grad_norm); 0 = off")
+    g.add_argument("--gan-weight", type=float, default=0.0,
+                   help="λ_GAN of the generator's GAN loss softplus(-D(x)) (DMD2's ImageNet run: 3e-3); "
+                        "0 = no GAN head")
+    g.add_argument("--gan-critic-weight", type=float, default=1e-2,
+                   help="weight of the head's loss softplus(-D(real)) + softplus(D(fake)) in the critic's loss "
+                        "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
+    args = p.parse_args(argv)
+    common.resolve(p, args, "dmd2", PRESETS, default_source="student")
+    if not 0.0 <= args.min_t < args.max_t <= 1.0:
+        raise common.UserError(f"--min-t {args.min_t} / --max-t {args.max_t}: need 0 <= min-t < max-t <= 1")
+    if args.lr <= 0 or args.lr_critic <= 0:
+        raise common.UserError("--lr / --lr-critic must be positive")
+    if args.gan_weight < 0 or args.gan_critic_weight < 0 or args.grad_clip < 0:
+        raise common.UserError("--gan-weight / --gan-critic-weight / --grad-clip must be >= 0")
+    return args
+
+
+# --- DMD2 losses ---
+
+def distribution_matching_loss(x, y, teacher, critic, guidance, t_min, t_max, clip_real, clip_fake):
+    """DMD's distribution-matching gradient for x = G(z_τ) [B, 3, 32, 32] (with grad). Returns the
+    per-example surrogate loss [B] and a dict: grad, x0_real, x0_fake (thresholded) and clip
+    (fraction of the teacher's un-thresholded x̂_0 outside [-1, 1])."""
+    with torch.no_grad():                                  # both scores are frozen in this loss
+        t = t_min + (t_max - t_min) * torch.rand(x.shape[0], device=x.device)
+        alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
+        z_t = alpha_t * x + sigma_t * torch.randn_like(x)
+        x0_real_raw = common.denoise(teacher, z_t, t, y, guidance)              # real score, CFG w
+        x0_real = common.threshold(x0_real_raw, *clip_real)
+        x0_fake = common.denoise(critic, z_t, t, y, 1.0, clip=clip_fake)        # fake score, no CFG
+        p_real, p_fake = x - x0_real, x - x0_fake
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
+        grad = torch.nan_to_num(grad)                      # mean|p_real| = 0 only if x is exactly denoised
+    # Surrogate: L = ½ mean_{b,c,h,w} (x - sg(x - grad))². Its gradient is (x - sg(x - grad)) / N with
+    # N = B·C·H·W, i.e. autograd returns exactly grad / N (DMD2's reduction="mean"). The per-example
+    # mean over C, H, W here and the batch mean at the call site make that N.
+    loss = 0.5 * (x - (x - grad).detach()).square().mean(dim=(1, 2, 3))
+    return loss, dict(grad=grad, x0_real=x0_real, x0_fake=x0_fake, clip=common.out_of_range(x0_real_raw))
+
+
+def critic_loss(critic, x, y):
+    """The fake score's denoising loss on detached generator samples x [B, 3, 32, 32]: teacher.py's
+    v-prediction loss at t ~ U(0, 1). Returns ‖v̂ - v‖² per example [B] and the bottleneck features."""
+    x = x.detach()
+    t = torch.rand(x.shape[0], device=x.device)
+    alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
+    eps = torch.randn_like(x)
+    v = alpha_t * eps - sigma_t * x
+    v_hat, features = critic(alpha_t * x + sigma_t * eps, t, y, return_features=True)
+    return (v_hat.float() - v).square().mean(dim=(1, 2, 3)), features
+
+
+def gan_head(channels):
+    """D: DMD2's classifier branch on the critic's bottleneck [B, C, h, w] -> one realism logit [B, 1]."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(32, channels // 4), channels),
+                         nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
+
+
+def realism_logit(critic, head, x, y):
+    """D(x) on the critic's features of x noised at t ~ U(0, 1) (DMD2's diffusion GAN)."""
+    t = torch.rand(x.shape[0], device=x.device)
+    alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
+    _, features = critic(alpha_t * x + sigma_t * torch.randn_like(x), t, y, return_features=True)
+    return head(features.float())
+
+
+# --- Generator inputs: the DDIL mixture on G's grid ---
+
+def clip_specs(args):
+    """Thresholding of (x̂_0,real, x̂_0,fake, G's output), each passed explicitly at its call site."""
+    return tuple(common.clip_spec(args, on) for on in (args.threshold_teacher, args.threshold_critic,
+                                                       args.threshold_student))
+
+
+def student_grid(steps):
+    """τ_k = 1 - k/K for k = 0..K-1: the times G is trained and sampled at."""
+    return [1.0 - k / steps for k in range(steps)]
+
+
+def ddil_batch(sampler, n, progress, steps, student_fn, teacher_fn):
+    """n generator inputs z_τ [n, 3, 32, 32] with τ [n], y [n], source [n] from the DDIL mixture, in
+    random order (the sampler returns them grouped by source). Student rollouts re-noise with fresh
+    noise at every step (DMD2's backward simulation); forward states sit at the τ_k."""
+    taus = student_grid(steps)
+    with torch.no_grad():
+        b = sampler.draw(n, progress, fwd_times=torch.tensor(taus), times=taus + [0.0],
+                         student_fn=student_fn, teacher_fn=teacher_fn, renoise=torch.randn_like)
+    perm = torch.randperm(n, device=b["x_t"].device)
+    return {k: v[perm] for k, v in b.items()}
+
+
+# --- Sampling (samples.png and eval.py) ---
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: the run's K-step sampler with nets["ema"]
+    (x̂_0 = G(z_τ_k), re-noised with renoise(z) to τ_{k+1}; global-RNG noise when renoise is None)."""
+    config = argparse.Namespace(**ckpt["config"])
+    net = common.build_unet(ckpt["unet"], device)
+    net.load_state_dict(ckpt["nets"]["ema"])
+    net.eval().requires_grad_(False)
+    clip_student = common.clip_spec(config, config.threshold_student)
+    times = student_grid(config.steps) + [0.0]
+    return lambda noise, labels, renoise=None: common.sample(
+        lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_student), noise, labels, times,
+        renoise or torch.randn_like)
+
+
+# --- Training loop ---
+
+def train(args):
+    ckpt_path = common.prepare_run(args, "dmd2")
+    device = torch.device(args.device)
+    common.seed_everything(args.seed)
+    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
+    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    student, ema, critic = (common.build_unet(unet_config, device) for _ in range(3))
+    for net in (student, ema, critic):          # G, its EMA and μ_fake all start as the teacher
+        net.load_state_dict(teacher_ckpt["nets"]["ema"])
+    ema.requires_grad_(False)
+    head = gan_head(critic.mid_channels).to(device) if args.gan_weight > 0 else None
+    critic_params = list(critic.parameters()) + (list(head.parameters()) if head else [])
+    opt_g = common.optimizer(student.parameters(), args.lr, device)
+    opt_c = common.optimizer(critic_params, args.lr_critic, device)
+    sampler = common.make_sampler(args, data)
+    clip_teacher, clip_critic, clip_student = clip_specs(args)
+    step = 0
+    if os.path.exists(ckpt_path):                               # resume
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        for name, net in (("student", student), ("ema", ema), ("critic", critic), ("head", head)):
+            if net is not None:
+                net.load_state_dict(ckpt["nets"][name])
+        opt_g.load_state_dict(ckpt["opts"]["student"]), opt_c.load_state_dict(ckpt["opts"]["critic"])
+        sampler.load_state_dict(ckpt["sampler"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    print(f"DMD2: K = {args.steps} steps, priors (fwd, teacher, student) = {args.priors}, "
+          f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters per network")
+    G, mu_fake, mu_real = (common.maybe_compile(net, args) for net in (student, critic, teacher))
+
+    # Student rollouts use the online G: DAgger's "current policy", and DMD2's backward simulation.
+    student_fn = lambda z, t, y: common.denoise(G, z, t, y, 1.0, clip=clip_student)
+    teacher_fn = lambda z, t, y: common.denoise(mu_real, z, t, y, args.guidance, clip=clip_teacher)
+
+    def save():
+        nets = dict(student=student.state_dict(), ema=ema.state_dict(), critic=critic.state_dict())
+        if head is not None:
+            nets["head"] = head.state_dict()
+        common.save_checkpoint(ckpt_path, dict(
+            step=step, config=vars(args), unet=unet_config, nets=nets,
+            opts=dict(student=opt_g.state_dict(), critic=opt_c.state_dict()),
+            rng=common.rng_state(), sampler=sampler.state_dict()))
+
+    log = common.RunLog(args.out, args.iters, step)
+    stats = common.SourceStats(device)
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "critic_loss", "grad_norm", "critic_grad_norm",
+                                                        "clip_pct", "gan_loss", "critic_gan_loss")}
+    B, n_fake = args.batch_size, args.fake_updates
+    clip_norm = args.grad_clip or float("inf")
+    with common.GracefulStop() as stop:
+        while step < args.iters:
+            for opt, lr in ((opt_g, args.lr), (opt_c, args.lr_critic)):
+                for group in opt.param_groups:
+                    group["lr"] = common.lr_at(step, lr, args.warmup)
+            # One DDIL draw per iteration holds the inputs of the generator update AND of the n_fake critic
+            # updates. All come from the same G (as in DMD2, where G is fixed between its updates), so this
+            # equals a fresh draw per critic update, while the sampler's fixed cost is paid once per iteration,
+            # not n_fake + 1 times: teacher rollouts are 8 sequential CFG calls per grid step on a small
+            # sub-batch, latency-bound (~15 ms per call on an H200, whatever the sub-batch size).
+            with common.autocast(args):
+                b = ddil_batch(sampler, (n_fake + 1) * B, step / args.iters, args.steps, student_fn, teacher_fn)
+                if device.type == "cuda":
+                    b["x_t"] = b["x_t"].contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():                   # detached generator samples for the critic
+                    x_fake = common.denoise(G, b["x_t"][B:], b["t"][B:], b["y"][B:], 1.0, clip=clip_student)
+
+            # Critic μ_fake (and the GAN head): n_fake updates on fresh generator samples, before G's update
+            # so that the fake score has caught up with the current G when G uses it.
+            for k in range(n_fake):
+                x_k, y_k = x_fake[k * B:(k + 1) * B], b["y"][B + k * B:B + (k + 1) * B]
+                with common.autocast(args):
+                    loss_c, features = critic_loss(mu_fake, x_k, y_k)
+                    loss_c = loss_c.mean()
+                    if head is not None:                # non-saturating: softplus(-D(real)) + softplus(D(fake))
+                        x_real, y_real = data.batch(B)
+                        loss_gan_c = (F.softplus(-realism_logit(mu_fake, head, x_real, y_real))
+                                      + F.softplus(head(features.float()))).mean()
+                        sums["critic_gan_loss"] += loss_gan_c.detach() / n_fake
+                        loss_c = loss_c + args.gan_critic_weight * loss_gan_c
+                opt_c.zero_grad(set_to_none=True)
+                loss_c.backward()
+                sums["critic_grad_norm"] += torch.nn.utils.clip_grad_norm_(critic_params, clip_norm) / n_fake
+                opt_c.step()
+                sums["critic_loss"] += loss_c.detach() / n_fake
+
+            # Generator G: distribution matching (+ GAN) on the first B inputs.
+            x_t, t, y = b["x_t"][:B], b["t"][:B], b["y"][:B]
+            with common.autocast(args):
+                x = common.denoise(G, x_t, t, y, 1.0, clip=clip_student)   # [B, 3, 32, 32], about [-1, 1]
+                loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
+                                                            args.max_t, clip_teacher, clip_critic)
+                loss = loss_dm.mean()
+                if head is not None:                    # gradient flows through the frozen critic into x
+                    critic.requires_grad_(False), head.requires_grad_(False)
+                    loss_gan = F.softplus(-realism_logit(mu_fake, head, x, y)).mean()
+                    critic.requires_grad_(True), head.requires_grad_(True)
+                    sums["gan_loss"] += loss_gan.detach()
+                    loss = loss + args.gan_weight * loss_gan
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+            opt_g.step()
+            common.ema_update(ema, student, args.ema, step)
+            sums["loss"] += loss.detach()
+            sums["clip_pct"] += 100 * extra["clip"]
+            stats.add(loss_dm, b["source"][:B])
+            step += 1
+
+            if step % args.log_every == 0 or step == args.iters:
+                n = args.log_every if step % args.log_every == 0 else step % args.log_every
+                extras = {k: v / n for k, v in sums.items() if head is not None or "gan" not in k}
+                log.write(step, **extras, **stats.summary("loss"), lr=opt_g.param_groups[0]["lr"],
+                          lr_critic=opt_c.param_groups[0]["lr"])
+                for v in sums.values():
+                    v.zero_()
+            if step % args.save_every == 0 or step == args.iters or stop.requested:
+                save()
+            if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
+                save()
+                import eval as evaluation
+                evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+            if stop.requested:
+                print(f"stopped at step {step}; rerun the same command to resume")
+                return None
+    return finish(args, ckpt_path, device)
+
+
+def finish(args, ckpt_path, device):
+    """samples.png (class-by-seed grid) and, with --eval-samples, metrics.json."""
+    ckpt = common.load_checkpoint(ckpt_path, device)
+    generate = make_generator(ckpt, device)
+    with common.autocast(args):
+        common.class_grid(generate, device, os.path.join(args.out, "samples.png"))
+    if args.eval_samples:
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    print(f"done: {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return common.dry_run(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
