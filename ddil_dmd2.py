@@ -164,28 +164,33 @@ def ddil_batch(sampler, n, progress, steps, student_fn, teacher_fn):
 
 # --- Sampling (samples.png and eval.py) ---
 
-def make_generator(ckpt, device):
-    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: the run's K-step sampler with nets["ema"]
-    (x̂_0 = G(z_τ_k), re-noised with renoise(z) to τ_{k+1}; global-RNG noise when renoise is None)."""
+def make_student(ckpt, device):
+    """(x0_fn, times, stochastic): x0_fn = G of nets["ema"] with the run's student thresholding, the
+    grid τ_0..τ_{K-1}, 0, and re-noising with fresh noise between steps (stochastic)."""
     config = argparse.Namespace(**ckpt["config"])
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     clip_student = common.clip_spec(config, config.threshold_student)
-    times = student_grid(config.steps) + [0.0]
-    return lambda noise, labels, renoise=None: common.sample(
-        lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_student), noise, labels, times,
-        renoise or torch.randn_like)
+    return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_student)), student_grid(config.steps) + [0.0], True
+
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: x̂_0 = G(z_τ_k), re-noised with renoise(z)
+    to τ_{k+1} (global-RNG noise when renoise is None)."""
+    x0_fn, times, _ = make_student(ckpt, device)
+    return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times, renoise or torch.randn_like)
 
 
 # --- Training loop ---
 
 def train(args):
+    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "dmd2")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
+    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     student, ema, critic = (common.build_unet(unet_config, device) for _ in range(3))
     for net in (student, ema, critic):          # G, its EMA and μ_fake all start as the teacher

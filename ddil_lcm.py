@@ -190,29 +190,34 @@ def step_loss(args, sampler, progress, student, target, teacher):
 
 # --- Sampling (samples.png and eval.py) ---
 
-def make_generator(ckpt, device):
-    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: K-step multistep consistency sampling
-    with nets['ema'], the run's skeleton, scalings and student thresholding; renoise(z) gives the fresh ε
-    of each re-noising (global-RNG noise when None)."""
+def make_student(ckpt, device):
+    """(x0_fn, times, stochastic): x0_fn(z, t, y) = f_θ(z, t) of nets['ema'] with the run's scalings and
+    student thresholding, the K-step schedule, and re-noising with fresh noise (stochastic)."""
     cfg = ckpt["config"]
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
     times = sampling_times(cfg["solver_steps"], cfg["steps"])
-    student_fn = lambda z, t, y: common.threshold(consistency_fn(net, z, t, y, cfg["timestep_scaling"]), *clip)
-    return lambda noise, labels, renoise=None: common.sample(student_fn, noise, labels, times,
-                                                             renoise or torch.randn_like)
+    return (lambda z, t, y: common.threshold(consistency_fn(net, z, t, y, cfg["timestep_scaling"]), *clip)), times, True
+
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: K-step multistep consistency sampling;
+    renoise(z) gives the fresh ε of each re-noising (global-RNG noise when None)."""
+    x0_fn, times, _ = make_student(ckpt, device)
+    return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times, renoise or torch.randn_like)
 
 
 # --- Training loop ---
 
 def train(args):
+    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "lcm")
     device = torch.device(args.device)
+    common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
-    common.seed_everything(args.seed)        # after --teacher auto, whose training reseeds the global RNG
+    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     # student θ (online), target θ⁻ (LCM's EMA, part of the loss), ema (evaluation weights): all start
     # as the teacher's EMA weights.
@@ -276,9 +281,7 @@ def train(args):
             if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
                 save()
                 import eval as evaluation
-                rng = common.rng_state()            # evaluation must not shift the training RNG stream
                 evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-                common.set_rng_state(rng)
             if stop.requested:
                 print(f"stopped at step {step}; rerun the same command to resume")
                 return None

@@ -144,28 +144,34 @@ def pd_loss(student, teacher_fn, z_t, t, y, n, teacher_clip, student_clip):
 
 # --- Sampling (samples.png and eval.py) ---
 
-def make_generator(ckpt, device):
-    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32]: the K-step DDIM sampler of nets["ema"]
-    with the run's student thresholding (DDIM is deterministic: renoise is ignored). A checkpoint
-    from an earlier round is sampled with K steps too, i.e. before the student was trained for them."""
+def make_student(ckpt, device):
+    """(x0_fn, times, stochastic) of the run's K-step sampler: x0_fn(z, t, y) -> the EMA student's x̂_0
+    with the run's student thresholding, on the K-step grid, DDIM (not stochastic). A checkpoint from an
+    earlier round is sampled with K steps too, i.e. before the student was trained for them."""
     cfg = ckpt["config"]
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
     times, _ = grid(cfg["steps"])
-    return lambda noise, labels, renoise=None: common.sample(
-        lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip), noise, labels, times)
+    return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip)), times, False
+
+
+def make_generator(ckpt, device):
+    """generate(noise, labels, renoise) -> x̂_0 [B, 3, 32, 32] (DDIM is deterministic: renoise is ignored)."""
+    x0_fn, times, _ = make_student(ckpt, device)
+    return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
 
 
 # --- Training loop ---
 
 def train(args):
+    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "pd")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(common.resolve_teacher(args), device)
+    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     student = common.build_unet(unet_config, device)
     student.load_state_dict(teacher_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
@@ -213,7 +219,7 @@ def train(args):
 
     log = common.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
-    sums = torch.zeros(3, device=device)                                  # loss, clip fraction, grad norm
+    sums = torch.zeros(3, device=device)                                  # loss, clip %, grad norm
     count = 0
     with common.GracefulStop() as stop:
         while step < args.iters:
@@ -249,12 +255,12 @@ def train(args):
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
             stats.add(losses, b["source"])
-            sums += torch.stack([loss.detach(), common.out_of_range(x0_teacher), gnorm.detach().float()])
+            sums += torch.stack([loss.detach(), 100 * common.out_of_range(x0_teacher), gnorm.detach().float()])
             count += 1
             step += 1
             if step % args.log_every == 0 or step == args.iters:
                 loss_avg, clip, gn = (sums / count).unbind()
-                log.write(step, loss=loss_avg, **stats.summary("loss"), clip=clip, gnorm=gn,
+                log.write(step, loss=loss_avg, **stats.summary("loss"), clip_pct=clip, grad_norm=gn,
                           round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
                 sums.zero_()
                 count = 0
