@@ -52,7 +52,8 @@ def grid(study, method):
     if study == "priors":
         rows = [("fwd100", ["--beta-fwd"]), ("student100", ["--beta-student"]),
                 ("fwd50-student50", ["--beta-fwd", "--beta-student"])]
-        rows += [(f"ddil-{s}", ["--ddil", "--prior-schedule", s]) for s in ("constant", "linear", "cosine", "step")]
+        rows += [(f"ddil-{s}", ["--ddil"] + ([] if s == "linear" else ["--prior-schedule", s]))   # --ddil is linear
+                 for s in ("constant", "linear", "cosine", "step")]
         return rows
     if study == "threshold":
         rows = [("none", ["--ddil"]), ("teacher", ["--ddil", "--threshold-teacher"]),
@@ -115,6 +116,10 @@ def read_metrics(out):
                 if n >= found.get(p, (-1, None))[0]:
                     found[p] = (n, value)
     row = {p: v for p, (n, v) in found.items()}
+    drifts = [(int(_samples(k[5:].split("_")[0])), v) for k, v in m.items()
+              if k.startswith("drift") and k[5:6].isdigit() and isinstance(v, list)]
+    if drifts:
+        row["drift"] = max(drifts)[1]
     with open(os.path.join(out, "ablate.json")) as f:
         row["wall_min"] = json.load(f)["wall_s"] / 60
     return row
@@ -150,6 +155,9 @@ def summarise(results, ref):
             if vals:
                 row[m] = float(np.mean(vals))
                 row[m + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        drifts = [r["drift"] for r in by_seed.values() if "drift" in r]
+        if drifts and len({len(d) for d in drifts}) == 1:
+            row["drift"] = np.mean(drifts, axis=0).tolist()
         for m in DELTA_METRICS:
             if setting != ref and ref in results:
                 x = {s: r[m] for s, r in by_seed.items() if m in r}
@@ -192,6 +200,13 @@ def write_outputs(rows, study, method, preset, ref, n_seeds, out_dir="ablations"
             star = "*" if not math.isnan(lo) and (lo > 0 or hi < 0) else ""
             cells.append(f"{d:+.3g}{star}" + ("" if math.isnan(lo) else f" [{lo:+.3g}, {hi:+.3g}]"))
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    drift_rows = [r for r in rows if "drift" in r]
+    if drift_rows:
+        K = max(len(r["drift"]) for r in drift_rows)
+        lines += ["", "Per-step drift (eval.py `drift`): mean squared gap between the student's x̂_0 after each of its "
+                  "K steps and the teacher's many-step sample from the same noise, mean over seeds.", "",
+                  "| setting | " + " | ".join(f"step {k + 1}" for k in range(K)) + " |", "|---|" + "---|" * K]
+        lines += [f"| {r['setting']} | " + " | ".join(f"{v:.4g}" for v in r["drift"]) + " |" for r in drift_rows]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_bars(rows, [m for m in metrics if m != "wall_min"], stem + ".png", f"{study} — {method} ({preset})")
@@ -220,31 +235,40 @@ def plot_bars(rows, metrics, path, title):
 # --- Covariate-shift diagnostic (paper Sec. 3.2, measured) ---
 
 @torch.no_grad()
-def covariate_shift(out, n=256, ref_steps=64, device="cpu"):
+def covariate_shift(out, n=256, ref_steps=64, device="cpu", memo=None):
     """For a trained student, at each of its K sampling times t_k: the mean squared gap between the
     student's x̂_0 and the teacher's x̂_0 on (a) forward-diffused data states and (b) the student's own
     rollout states. The teacher's x̂_0 at a state is the end of its CFG DDIM trajectory from that state
-    (`ref_steps` per unit time): what a distilled student imitates (PD, LCM), rather than the
-    one-shot posterior mean, which no few-step student predicts. Returns (gap_fwd, gap_own) per step."""
+    (`ref_steps` per unit time, no thresholding: one reference for every student): what a distilled
+    student imitates (PD, LCM), rather than the one-shot posterior mean, which no few-step student
+    predicts. memo: a dict reused across students of one teacher (the forward states and their teacher
+    ends do not depend on the student). Returns (gap_fwd, gap_own), one value per step."""
     import importlib
+    memo = {} if memo is None else memo
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), device)
     cfg = ckpt["config"]
-    method = importlib.import_module({"pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}[cfg["method"]])
+    with open(os.path.join(out, "config.json")) as f:
+        method = importlib.import_module(f"ddil_{json.load(f)['method']}")
     x0_fn, times, stochastic = method.make_student(ckpt, device)
     teacher, _ = common.load_teacher(cfg["teacher_path"], device)
-    clip_t = (cfg["threshold_mode"] if cfg["threshold_teacher"] else None, cfg["threshold_percentile"])
-    teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, cfg["guidance"], clip=clip_t)
+    teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, cfg["guidance"])
     teacher_end = lambda z, t, y: common.sample(teacher_fn, z, y, common.fine_grid(t, 0.0, ref_steps))
-    data = common.Dataset(*common.load_images(cfg["dataset"], cfg.get("data_dir"), limit=None), device)
-    torch.manual_seed(0)
+    key = (cfg["teacher_path"], cfg["guidance"], cfg["dataset"], cfg.get("data_dir"), n, ref_steps)
+    if key not in memo:
+        memo[key] = {"data": common.Dataset(*common.load_images(cfg["dataset"], cfg.get("data_dir")), device)}
+    cache = memo[key]
     noise, labels, renoise = common.seeded_batch(range(n), device)
     z = noise
     gap_fwd, gap_own = [], []
-    for k, (t, s) in enumerate(zip(times[:-1], times[1:])):
-        x0, y = data.batch(n)
-        alpha_t, sigma_t = common.alpha_sigma(t)
-        z_fwd = alpha_t * x0 + sigma_t * torch.randn_like(x0)
-        gap_fwd.append(float((x0_fn(z_fwd, t, y) - teacher_end(z_fwd, t, y)).square().mean()))
+    for t, s in zip(times[:-1], times[1:]):
+        if t not in cache:                    # (a) forward states at t and the teacher's ends, once per t
+            torch.manual_seed(int(1e6 * t))
+            x0, y = cache["data"].batch(n)
+            alpha_t, sigma_t = common.alpha_sigma(t)
+            z_fwd = alpha_t * x0 + sigma_t * torch.randn_like(x0)
+            cache[t] = (z_fwd, y, teacher_end(z_fwd, t, y))
+        z_fwd, y, end = cache[t]
+        gap_fwd.append(float((x0_fn(z_fwd, t, y) - end).square().mean()))
         gap_own.append(float((x0_fn(z, t, labels) - teacher_end(z, t, labels)).square().mean()))
         z = common.sampler_step(x0_fn, z, t, s, labels, renoise if stochastic else None)
     return gap_fwd, gap_own
@@ -254,9 +278,9 @@ def write_shift(method, preset, seeds, n, device, out_dir="ablations"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = {}
+    curves, memo = {}, {}
     for setting, flags in grid("paper", method)[:2]:      # baseline and +DDIL students
-        per_seed = [covariate_shift(run_dir(method, preset, flags, s), n, device=device) for s in seeds]
+        per_seed = [covariate_shift(run_dir(method, preset, flags, s), n, device=device, memo=memo) for s in seeds]
         curves[setting] = np.array(per_seed).mean(0)       # [2, K]
     K = next(iter(curves.values())).shape[1]
     lines = [f"# Covariate-shift diagnostic — {method} (preset {preset}, seeds {','.join(map(str, seeds))}, {n} samples)",
@@ -291,7 +315,7 @@ def parse_args(argv=None):
                    help="preset of every run (auto: cifar10 with CUDA, else smoke)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
     p.add_argument("--shift-samples", type=common._count, default=None,
-                   help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 64, cifar10 1000)")
+                   help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 32, cifar10 1000)")
     p.add_argument("--device", default="auto", help="device for the diagnostic (runs pick their own)")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and which are done) and exit")
     argv = sys.argv[1:] if argv is None else argv
@@ -306,7 +330,7 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shift_samples is None:
-        args.shift_samples = 64 if args.preset == "smoke" else 1000
+        args.shift_samples = 32 if args.preset == "smoke" else 1000
     if any(a in ("--out", "--seed", "--preset") for a in extra):
         p.error("arguments after `--` may not set --out, --seed or --preset (ablate.py sets them)")
     return args, extra

@@ -18,6 +18,16 @@ depend on the batch size, and two runs evaluated with the same N see the same no
                                  pairs of its N/10 samples, averaged over the 10 classes; images are
                                  upsampled 32 → 224 first (see `load_lpips`)
 
+    teacher_mse, teacher_lpips{N}_ddim{R}   paired agreement with the teacher: sample i of the student and
+                                 the teacher's R-step CFG DDIM sample from the SAME initial noise (seed i),
+                                 mean squared error (in [-1, 1] units) and mean LPIPS over the N pairs, with
+                                 their standard errors (teacher_mse_se..., teacher_lpips_se...). Paired, so
+                                 run-to-run differences are far less noisy than FID's (issue 9).
+    drift{N}_ddim{R}             per-step drift: for each of the student's K steps, the mean squared gap
+                                 between the student's x̂_0 at that step and the teacher's sample on the same
+                                 noise (a list; its last entry is the student's sample itself), showing
+                                 where along its trajectory the student parts from the teacher
+
 Names carry the sample count N (10000 -> 10k) and the reference: `train` is the run's whole training
 set, `train500` an evenly spaced subset of 500 of its images (the smoke preset: Inception costs
 ~0.2 s per image on a laptop CPU), `ref5k` the --ref-images set. Precision/recall/density/coverage
@@ -72,6 +82,7 @@ LPIPS_SIZE = 224                                 # LPIPS input side (AlexNet's t
 DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000}
 REF_LIMIT = {"smoke": 500}                       # FID reference subset per preset (absent: the whole set)
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
+REF_STEPS = 64                                   # teacher DDIM steps of the agreement reference
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_LPIPS = os.path.join(REPO, "..", "shared", "weights", "alexnet_features_imagenet.pt")
@@ -513,10 +524,78 @@ def score_samples(images, labels, train, ref_limit, classifier_arch, device, lpi
     return metrics, info
 
 
+# --- Teacher agreement and per-step drift: paired against the teacher on the same noise (issue 9) ---
+
+@torch.no_grad()
+def student_trajectory(x0_fn, times, stochastic, n, device, batch_size=None, amp=nullcontext):
+    """The student's x̂_0 at each of its K steps for seeds 0..n-1 (labels i mod 10), float [K, n, 3, 32, 32]
+    on the CPU; the last entry is the sample itself. Same noise, same loop as generate_samples."""
+    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
+    out = []
+    for i in range(0, n, batch_size):
+        noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
+        steps = []
+
+        def recording(z, t, y):
+            x0 = x0_fn(z, t, y)
+            steps.append(x0.float().cpu())
+            return x0
+        with amp():
+            common.sample(recording, noise, y, times, renoise if stochastic else None)
+        out.append(torch.stack(steps))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def teacher_samples(teacher_fn, n, device, ref_steps=REF_STEPS, cache_key=None, batch_size=None, amp=nullcontext):
+    """The teacher's ref_steps-step DDIM samples of seeds 0..n-1 (labels i mod 10), float [n, 3, 32, 32]:
+    computed once per (teacher, guidance, steps, n) and cached when cache_key is given (every run of a
+    grid shares them)."""
+    path = cache_key and os.path.join(cache_dir(), f"teacher-samples-{cache_key}-ddim{ref_steps}-n{n}.pt")
+    if path and os.path.isfile(path):
+        return torch.load(path, weights_only=True).float()
+    times = torch.linspace(1, 0, ref_steps + 1).tolist()
+    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc=f"teacher ddim{ref_steps}", disable=None, leave=False):
+        noise, y, _ = common.seeded_batch(range(i, min(n, i + batch_size)), device)
+        with amp():
+            out.append(common.sample(teacher_fn, noise, y, times).float().cpu())
+    x = torch.cat(out)
+    if path:
+        torch.save(x.half(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return x
+
+
+def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_STEPS, cache_key=None,
+                      batch_size=None, amp=nullcontext):
+    """Paired agreement of a student (x0_fn, times, stochastic) with the teacher on the same noise.
+    Returns (metrics, per-sample arrays): teacher_mse / teacher_lpips{N}_ddim{R} (on the uint8-quantised
+    samples, like every other metric), their standard errors, and drift{N}_ddim{R} (a list over steps)."""
+    x0_fn, times, stochastic = student
+    traj = student_trajectory(x0_fn, times, stochastic, n, device, batch_size, amp)        # [K, n, 3, 32, 32]
+    ref = teacher_samples(teacher_fn, n, device, ref_steps, cache_key, batch_size, amp)   # [n, 3, 32, 32]
+    q = lambda x: to_uint8(x).float() / 127.5 - 1
+    s, t = q(traj[-1]), q(ref)
+    mse = (s - t).square().mean(dim=(1, 2, 3)).double().numpy()
+    lp = torch.cat([lpips_fn(s[i:i + 50], t[i:i + 50]).cpu() for i in range(0, n, 50)]).double().numpy()
+    se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    ref_name = f"ddim{ref_steps}"
+    metrics = {metric_name("teacher_mse", n, ref_name): float(mse.mean()),
+               metric_name("teacher_mse_se", n, ref_name): se(mse),
+               metric_name("teacher_lpips", n, ref_name): float(lp.mean()),
+               metric_name("teacher_lpips_se", n, ref_name): se(lp),
+               metric_name("drift", n, ref_name): [float((x - ref).square().mean()) for x in traj]}
+    return metrics, dict(mse=mse, lpips=lp)
+
+
 def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device=None, ref_limit=None,
-                       classifier=None, lpips_backbone=None, batch_size=None, progress=True, label=None):
+                       classifier=None, lpips_backbone=None, batch_size=None, progress=True, label=None,
+                       agreement=None, ref_steps=REF_STEPS):
     """Draw n samples (seed i, label i mod 10), score them against the training set of the checkpoint's
-    config, merge the metrics into out_path and print one line. ref_limit None: the preset's; 0: all."""
+    config, merge the metrics into out_path and print one line. ref_limit None: the preset's; 0: all.
+    agreement: dict(student=(x0_fn, times, stochastic), teacher_fn=, cache_key=) adds teacher agreement."""
     cfg = ckpt["config"]
     device = device or default_device()
     preset = cfg.get("preset")
@@ -530,7 +609,13 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
         t_gen = time.time() - t0
         train = training_set(cfg["dataset"], cfg.get("data_dir"))
         metrics, info = score_samples(images, labels, train, ref_limit, classifier, device, lpips_backbone, progress)
-        # Issue 9 (teacher agreement) adds its paired metrics here: it needs `generate` and seeds 0..n-1.
+        if agreement:
+            t1 = time.time()
+            paired, _ = teacher_agreement(agreement["student"], agreement["teacher_fn"], n, device,
+                                          load_lpips(lpips_backbone, device), ref_steps, agreement.get("cache_key"),
+                                          batch_size, amp)
+            metrics.update(paired)
+            info["time_s"]["agreement_s"] = time.time() - t1
     info["time_s"] = dict(generate_s=t_gen, **info["time_s"], total_s=time.time() - t0)
     record = dict(step=ckpt.get("step"), n=n, seeds=[0, n - 1], labels="seed mod 10", sampler=sampler,
                   device=str(device), **info, time=time.time())
@@ -558,8 +643,23 @@ def evaluate_run(run_dir, n_samples=None, device=None, **options):
         generate, sampler = module.make_generator(ckpt, device, steps), f"ddim{steps}"
     else:
         generate, sampler = module.make_generator(ckpt, device), method
+        options.setdefault("agreement", run_agreement(module, ckpt, device))
     return evaluate_generator(generate, ckpt, os.path.join(run_dir, "metrics.json"), sampler, n_samples, device,
                               label=run_dir, **options)
+
+
+def run_agreement(module, ckpt, device):
+    """Teacher agreement of a distilled run: its student, and its own teacher's plain CFG DDIM sampler
+    (guidance as in training, no thresholding: one reference for every run of a grid)."""
+    cfg = ckpt["config"]
+    path = cfg.get("teacher_path")
+    if not path or not os.path.isfile(path):
+        print(f"teacher agreement skipped: the run's teacher {path!r} is not there")
+        return None
+    teacher, _ = common.load_teacher(path, device)
+    w = cfg["guidance"]
+    return dict(student=module.make_student(ckpt, device), cache_key=f"{_file_sha(path)}-w{w:g}",
+                teacher_fn=lambda z, t, y: common.denoise(teacher, z, t, y, w))
 
 
 def evaluate_images(images, ref_images=None, ref_name="ref", train=None, ref_limit=None, device=None, out=None, label=""):
@@ -597,7 +697,8 @@ def merge_metrics(path, metrics, record):
 
 def summary_line(label, record, metrics):
     step = "" if record.get("step") is None else f" step {record['step']}"
-    body = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    body = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} [{', '.join(f'{x:.3g}' for x in v)}]"
+                      for k, v in metrics.items())
     return f"eval {label}{step}: {body} | {record['time_s']['total_s']:.0f} s"
 
 
@@ -682,6 +783,8 @@ def parse_args(argv=None):
                    help="N samples, seeds 0..N-1; None: the run's --eval-samples, else 100 smoke / 10000 cifar10")
     g.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda when available)")
     g.add_argument("--batch-size", type=common._positive_int, default=None, help="generation batch (does not change results)")
+    g.add_argument("--ref-steps", type=common._positive_int, default=REF_STEPS,
+                   help="teacher DDIM steps of the paired teacher-agreement reference (teacher_mse/lpips, drift)")
     g.add_argument("--classifier", choices=["auto", "tiny", "airbench"], default="auto",
                    help="class_score classifier (auto: tiny for the smoke preset, else airbench)")
     g.add_argument("--lpips-backbone", default=None, metavar="PATH",
@@ -713,7 +816,7 @@ def main(argv=None):
     if args.run_dir:
         if args.out:
             raise common.UserError("--out: a run directory always writes RUN_DIR/metrics.json")
-        return evaluate_run(args.run_dir, args.samples, args.device, **opts)
+        return evaluate_run(args.run_dir, args.samples, args.device, ref_steps=args.ref_steps, **opts)
     if args.teacher:
         import teacher
         if not os.path.isfile(args.teacher):

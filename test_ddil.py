@@ -1114,3 +1114,84 @@ def test_eval_cli_errors_are_one_line():
         evaluation.main(["--images", "x.zip", "--slice", "a:b"])
     with pytest.raises(common.UserError, match="not a run directory"):
         evaluation.main(["/nonexistent-run"])
+
+
+# --- Teacher agreement and per-step drift (issue 9), with the analytic teacher ---
+
+@pytest.fixture(scope="module")
+def gaussian_teacher_fn():
+    g = torch.Generator().manual_seed(5)
+    net = GaussianTeacher(0.4 * torch.randn(11, 3, 32, 32, generator=g), 0.3)
+    return lambda z, t, y: common.denoise(net, z, t, y, 1.5)
+
+
+@pytest.fixture(scope="module")
+def lpips_or_skip():
+    path = os.environ.get("DDIL_LPIPS_BACKBONE") or evaluation.SHARED_LPIPS
+    if not os.path.isfile(path):
+        pytest.skip("no AlexNet backbone (set DDIL_LPIPS_BACKBONE)")
+    return evaluation.load_lpips(path, "cpu")
+
+
+def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussian_teacher_fn, lpips_or_skip,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    n, R = 20, 32
+    agree = lambda fn, K: evaluation.teacher_agreement((fn, torch.linspace(1, 0, K + 1).tolist(), False),
+                                                       gaussian_teacher_fn, n, "cpu", lpips_or_skip, R, "gauss")[0]
+    same = agree(gaussian_teacher_fn, R)                       # the teacher itself, same steps: exactly 0
+    assert same["teacher_mse20_ddim32"] == 0 and abs(same["teacher_lpips20_ddim32"]) < 1e-6
+    assert os.path.isfile(tmp_path / "teacher-samples-gauss-ddim32-n20.pt")     # cached for the next run
+    mse = [agree(gaussian_teacher_fn, K)["teacher_mse20_ddim32"] for K in (2, 4, 8)]
+    assert mse[0] > mse[1] > mse[2] > 0 and mse[2] < mse[0] / 4             # fewer-step teachers converge
+    torch.manual_seed(0)
+    noisy = agree(lambda z, t, y: gaussian_teacher_fn(z, t, y) + 0.1 * torch.randn_like(z), R)
+    assert noisy["teacher_mse20_ddim32"] > 0.005 and noisy["teacher_lpips20_ddim32"] > 0.01
+    assert noisy["teacher_mse_se20_ddim32"] > 0
+    drift = noisy["drift20_ddim32"]                        # one entry per step; the last is the sample's gap
+    assert len(drift) == R and same["drift20_ddim32"][-1] == 0
+    assert drift[-1] > 0.009                               # at least the added noise's variance, 0.1^2
+    assert drift[0] > drift[-1]                            # x̂_0 from pure noise is far from any sample
+
+
+# --- ablate.py (issues 7 and 9): grids and paired statistics ---
+
+def test_ablation_grids_match_the_issue():
+    import ablate
+    flags = lambda study, m: {name: tuple(f) for name, f in ablate.grid(study, m)}
+    for m in ("pd", "lcm", "dmd2"):
+        priors = flags("priors", m)
+        assert priors["fwd100"] == ("--beta-fwd",) and priors["student100"] == ("--beta-student",)
+        assert priors["fwd50-student50"] == ("--beta-fwd", "--beta-student")
+        assert {priors[f"ddil-{s}"] for s in ("constant", "cosine", "step")} == \
+            {("--ddil", "--prior-schedule", s) for s in ("constant", "cosine", "step")}
+        assert priors["ddil-linear"] == ("--ddil",) and ddil_pd.parse_args(["--ddil"]).prior_schedule == "linear"
+        assert len(priors) == 7
+        th = flags("threshold", m)
+        assert th["none"] == ("--ddil",) and th["teacher"] == ("--ddil", "--threshold-teacher")
+        assert th["student"] == ("--ddil", "--threshold-student")
+        assert th["teacher+student"] == ("--ddil", "--threshold-teacher", "--threshold-student")
+        assert len(th) == (6 if m == "dmd2" else 4)
+        assert flags("paper", m) == {"baseline": (), "ddil": ("--ddil",), "reflected-ddil": ("--ddil", "--reflected")}
+    th = flags("threshold", "dmd2")
+    assert th["critic"] == ("--ddil", "--threshold-critic")
+    assert th["all"] == ("--ddil", "--threshold-teacher", "--threshold-student", "--threshold-critic")
+    assert ablate.reference("priors", "dmd2") == "student100" and ablate.reference("priors", "pd") == "fwd100"
+    # Each grid row's flags parse, and the baseline flags reduce to the method's own baseline source.
+    for m, module in (("pd", ddil_pd), ("lcm", lcm), ("dmd2", ddil_dmd2)):
+        for _, f in ablate.grid("priors", m) + ablate.grid("threshold", m):
+            module.parse_args(["--preset", "smoke", *f])
+
+
+def test_paired_delta_mean_and_t_interval():
+    import ablate
+    x, ref = {0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 1.5}    # seed 7 has no partner
+    mean, lo, hi, n = ablate.paired_delta(x, ref)
+    half = 4.302652729911275 * 0.5 / math.sqrt(3)          # t_{0.975, 2} (tables) x sd / sqrt(n)
+    assert n == 3 and mean == pytest.approx(1.0) and (lo, hi) == pytest.approx((1.0 - half, 1.0 + half))
+    assert math.isnan(ablate.paired_delta({0: 2.0}, {0: 1.0})[1])
+    rows = ablate.summarise({"baseline": {0: {"fid": 10.0}, 1: {"fid": 12.0}, 2: {"fid": 11.0}},
+                             "ddil": {0: {"fid": 9.0}, 1: {"fid": 11.1}, 2: {"fid": 9.9}}}, "baseline")
+    ddil = rows[1]
+    assert ddil["d_fid"] == pytest.approx(-1.0) and ddil["d_fid_hi"] < 0     # consistent on every seed: *
+    assert ddil["fid"] == pytest.approx(10.0) and ddil["fid_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))

@@ -1,0 +1,294 @@
+"""Speed and memory of the teacher and the three DDIL methods, as the scripts themselves run.
+
+    python bench.py                                  # CPU, smoke-sized networks, a few minutes
+    python bench.py --device cuda --quick            # one GPU, cifar10-sized networks
+    python bench.py --device cuda --write BENCHMARKS.md
+
+What it measures (each training figure is the scripts' own loop, called in-process, with a
+random-weight teacher of the preset's size and synthetic data: speed does not depend on either):
+
+- teacher: ms/it, images/s, peak memory, achieved TFLOP/s (FLOPs of one training step counted with
+  torch.utils.flop_counter; forward + backward) and on a GPU the model-FLOPs utilisation against the
+  card's dense bf16 peak;
+- each method, baseline vs --ddil (default buffer) vs --ddil --buffer-size 0: ms/it, images/s, peak
+  memory, and the DDIL overhead ratio (ddil / baseline ms/it, same process, same machine). The --ddil
+  runs use --prior-warmup 0 so that the measured interval sees the end mixture, which is what 70 %
+  of a default run trains on;
+- sampling images/s of each student at K steps; eval.py's Inception feature extraction images/s;
+- our UNet's training step vs a peer UNet of about the same parameter count (diffusers'
+  UNet2DModel, DDPM's CIFAR-10 layout), when diffusers is installed (`pip install diffusers`).
+
+ms/it is the mean over the last log interval (the first one holds start-up and autotuning).
+"""
+
+import contextlib
+import datetime
+import io
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+import torch
+
+import common
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2}
+UNETS = {  # the teacher presets' networks (teacher.py PRESETS)
+    "smoke": dict(ch=32, ch_mult=(1, 2, 2), num_blocks=1, attn_res=(16,), dropout=0.0),
+    "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1),
+}
+VARIANTS = {"baseline": [], "ddil": ["--ddil", "--prior-warmup", "0"],
+            "ddil-nobuf": ["--ddil", "--prior-warmup", "0", "--buffer-size", "0"]}
+
+
+def parse_args(argv=None):
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
+    p.add_argument("--preset", choices=["auto", "smoke", "cifar10"], default="auto",
+                   help="network and batch sizes (auto: cifar10 on CUDA, smoke on the CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations per measurement")
+    p.add_argument("--iters", type=common._positive_int, default=None,
+                   help="training iterations per run (default: 8 on the CPU, 60 on a GPU; --quick: 6 / 40)")
+    p.add_argument("--methods", default="pd,lcm,dmd2", help="comma-separated subset of pd,lcm,dmd2")
+    p.add_argument("--compile", action="store_true", help="pass --compile to every training run")
+    p.add_argument("--write", metavar="PATH", help="also write the tables into this Markdown file (e.g. BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise common.UserError("--device cuda: CUDA is not available on this machine")
+    if args.preset == "auto":
+        args.preset = "cifar10" if args.device.startswith("cuda") else "smoke"
+    cuda = args.device.startswith("cuda")
+    args.iters = args.iters or ((40 if cuda else 6) if args.quick else (60 if cuda else 8))
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not set(args.methods) <= {"pd", "lcm", "dmd2"}:
+        raise common.UserError(f"--methods {','.join(args.methods)}: choose from pd, lcm, dmd2")
+    return args
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_teacher(preset, device, path):
+    """A teacher checkpoint of the preset's size with random weights (timing needs no trained one)."""
+    torch.manual_seed(0)
+    net = common.build_unet(UNETS[preset], "cpu")
+    sd = net.state_dict()
+    common.save_checkpoint(path, dict(step=0, config=dict(iters=0, guidance=1.5), unet=UNETS[preset],
+                                      nets=dict(model=sd, ema=sd)))
+    return sum(p.numel() for p in net.parameters())
+
+
+def run_script(module, argv):
+    """module.main(argv) with its output captured; returns the last log line (steady-state interval)."""
+    out = argv[argv.index("--out") + 1]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        module.main(argv)
+    return common_log(out)[-1]
+
+
+def common_log(out):
+    import json
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def training_flops(net_config, batch, device):
+    """FLOPs of one teacher training step (forward + backward of the UNet), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = common.build_unet(net_config, device)
+    x, t, y = torch.randn(batch, 3, 32, 32, device=device), torch.rand(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        net(x, t, y).square().mean().backward()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device):
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def time_steps(step, n, device, warmup=3):
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def peer_comparison(preset, batch, device, amp, n):
+    """ms per training step of our UNet vs diffusers' UNet2DModel of about the same size (bf16 on CUDA)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return None
+    cfg = UNETS[preset]
+    chans = tuple(cfg["ch"] * m for m in cfg["ch_mult"])
+    down = tuple("AttnDownBlock2D" if 32 >> i in cfg["attn_res"] else "DownBlock2D" for i in range(len(chans)))
+    up = tuple("AttnUpBlock2D" if 32 >> i in cfg["attn_res"] else "UpBlock2D" for i in reversed(range(len(chans))))
+    peer = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=cfg["num_blocks"],
+                       block_out_channels=chans, down_block_types=down, up_block_types=up, num_class_embeds=11,
+                       dropout=cfg["dropout"], norm_num_groups=min(32, cfg["ch"] // 4),
+                       attention_head_dim=64).to(device)
+    ours = common.build_unet(cfg, device)
+    if torch.device(device).type == "cuda":
+        peer = peer.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    if torch.device(device).type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    t, y = torch.rand(batch, device=device), torch.randint(0, 10, (batch,), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    out = {}
+    for name, net, fwd in (("ours", ours, lambda: ours(x, t, y)),
+                           ("diffusers UNet2DModel", peer, lambda: peer(x, 1000 * t, class_labels=y).sample)):
+        opt = common.optimizer(net.parameters(), 1e-4, device)
+
+        def step():
+            with ctx:
+                loss = fwd().float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out[name] = (time_steps(step, n, device), sum(p.numel() for p in net.parameters()))
+    return out
+
+
+@torch.no_grad()
+def sampling_speed(module, ckpt_path, device, batch, amp, n=3):
+    ckpt = common.load_checkpoint(ckpt_path, device)
+    generate = module.make_generator(ckpt, device)
+    noise, labels = torch.randn(batch, 3, 32, 32, device=device), torch.arange(batch, device=device) % 10
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with ctx:
+        seconds = time_steps(lambda: generate(noise, labels, torch.randn_like), n, device, warmup=1)
+    return batch / seconds
+
+
+def feature_speed(device, n):
+    import eval as evaluation
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    evaluation.inception_features(images[:8], device, progress=False)      # load + warm up
+    sync(device)
+    t0 = time.perf_counter()
+    evaluation.inception_features(images, device, progress=False)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def machine(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import ddil_dmd2
+    import ddil_lcm
+    import ddil_pd
+    import teacher
+    modules = {"pd": ddil_pd, "lcm": ddil_lcm, "dmd2": ddil_dmd2}
+    cuda = args.device.startswith("cuda")
+    amp = cuda
+    tmp = tempfile.mkdtemp(prefix="ddil-bench-")
+    tpath = os.path.join(tmp, "teacher.pt")
+    n_params = random_teacher(args.preset, args.device, tpath)
+    log_every = max(1, args.iters // 2)
+    common_argv = ["--preset", args.preset, "--dataset", "synthetic", "--device", args.device, "--iters", str(args.iters),
+                   "--log-every", str(log_every), "--save-every", str(10 ** 9), "--eval-samples", "0"]
+    common_argv += ["--compile"] if args.compile else []
+    lines = [f"machine: {machine(args.device)}; torch {torch.__version__}; preset {args.preset} "
+             f"({n_params / 1e6:.1f} M-parameter UNet); {args.iters} iterations per run, ms/it over the last "
+             f"{args.iters - log_every}; {datetime.date.today()}", "",
+             "| run | batch | ms/it | images/s | peak GB | note |", "|---|---|---|---|---|---|"]
+    print(lines[0], flush=True)
+
+    # --- teacher: the real training loop, plus FLOPs / MFU ---
+    out = os.path.join(tmp, "teacher")
+    last = run_script(teacher, [*common_argv, "--out", out, "--sample-steps", "1"])
+    batch = teacher.PRESETS[args.preset]["batch_size"]
+    flops = training_flops(UNETS[args.preset], batch, args.device)
+    tflops = flops / (last["ms_per_it"] / 1000) / 1e12
+    peak = peak_tflops(args.device)
+    note = f"{flops / 1e12:.2f} TFLOP/step, {tflops:.1f} TFLOP/s achieved" + (
+        f", MFU {100 * tflops / peak:.1f} % of {peak:.0f} (bf16 dense)" if peak else "")
+    lines.append(f"| teacher | {batch} | {last['ms_per_it']:.1f} | {batch / last['ms_per_it'] * 1000:.0f} | "
+                 f"{last.get('mem_gb', float('nan')):.2f} | {note} |")
+    print(lines[-1], flush=True)
+
+    # --- the methods: baseline vs --ddil (buffer) vs --ddil without buffer ---
+    ratios, sampling = [], []
+    for m in args.methods:
+        module = modules[m]
+        batch = module.PRESETS[args.preset]["batch_size"]
+        ms = {}
+        for variant, flags in VARIANTS.items():
+            out = os.path.join(tmp, f"{m}-{variant}")
+            last = run_script(module, [*common_argv, "--teacher", tpath, "--out", out, *flags])
+            ms[variant] = last["ms_per_it"]
+            note = "" if variant == "baseline" else f"{ms[variant] / ms['baseline']:.2f}x baseline"
+            lines.append(f"| {m} {variant} | {batch} | {ms[variant]:.1f} | {batch / ms[variant] * 1000:.0f} | "
+                         f"{last.get('mem_gb', float('nan')):.2f} | {note} |")
+            print(lines[-1], flush=True)
+            if variant == "baseline":
+                steps = module.parse_args(["--preset", args.preset]).steps
+                sampling.append((m, steps, sampling_speed(module, os.path.join(out, "ckpt.pt"), args.device,
+                                                          256 if cuda else 64, amp)))
+        ratios.append((m, ms["ddil"] / ms["baseline"], ms["ddil-nobuf"] / ms["baseline"]))
+
+    lines += ["", "| DDIL overhead (one run) | --ddil / baseline | --ddil --buffer-size 0 / baseline | target <= 1.15 |",
+              "|---|---|---|---|"]
+    lines += [f"| {m} | {r:.2f}x | {r0:.2f}x | {'met' if r <= 1.15 else 'NOT met'} |" for m, r, r0 in ratios]
+    lines += ["", "| sampling | K | images/s |", "|---|---|---|"]
+    lines += [f"| {m} | {k} | {v:.0f} |" for m, k, v in sampling]
+    n_feat = 1000 if cuda else (48 if args.quick else 96)
+    lines += ["", f"| eval.py Inception features | {feature_speed(args.device, n_feat):.1f} images/s "
+                  f"({n_feat} images) |", "|---|---|"]
+    peer = peer_comparison(args.preset, teacher.PRESETS[args.preset]["batch_size"], args.device, amp,
+                           20 if cuda else 3)
+    if peer is None:
+        lines += ["", "peer UNet: diffusers not installed (pip install diffusers) - skipped"]
+    else:
+        (ours_s, ours_n), (peer_s, peer_n) = peer["ours"], peer["diffusers UNet2DModel"]
+        lines += ["", "| training step, same batch | parameters | ms/step | |", "|---|---|---|---|",
+                  f"| ours (unet.py) | {ours_n / 1e6:.1f} M | {1000 * ours_s:.1f} | {peer_s / ours_s:.2f}x the peer's speed |",
+                  f"| diffusers UNet2DModel | {peer_n / 1e6:.1f} M | {1000 * peer_s:.1f} | |"]
+    print("\n".join(lines[lines.index("") + 1:]))
+    if args.write:
+        write_section(args.write, "cuda" if cuda else "cpu", lines, " ".join(["python bench.py", *sys.argv[1:]]))
+
+
+def write_section(path, key, lines, command):
+    """Replace (or add) this device kind's section of the Markdown file."""
+    text = open(path).read() if os.path.exists(path) else (
+        "# Benchmarks\n\nFigures from `python bench.py` (see its docstring for what each number is). "
+        "Rerun the command of a section to reproduce it.\n")
+    body = f"<!-- bench:{key} -->\n## {'GPU' if key == 'cuda' else 'CPU'}\n\n`{command}`\n\n" + "\n".join(lines) + \
+           f"\n<!-- /bench:{key} -->"
+    pattern = re.compile(rf"<!-- bench:{key} -->.*?<!-- /bench:{key} -->", re.S)
+    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
