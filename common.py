@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import signal
-import sys
 import time
 import zipfile
 from contextlib import nullcontext
@@ -591,6 +590,35 @@ class GracefulStop:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+# --- The end of every training step, and of every run (shared by the four training scripts) ---
+
+def end_of_step(args, step, save, stop):
+    """Checkpoint every --save-every steps, at the last step and on a stop request; evaluate every
+    --eval-every steps (metrics.json). Returns True when the loop must stop (Ctrl-C / SIGTERM)."""
+    if step % args.save_every == 0 or step == args.iters or stop.requested:
+        save()
+    if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
+        save()
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    if stop.requested:
+        print(f"stopped at step {step}; rerun the same command to resume")
+    return stop.requested
+
+
+def finish(args, ckpt_path, make_generator):
+    """samples.png (class-by-seed grid) and, with --eval-samples, metrics.json of a finished run.
+    make_generator(ckpt, device) -> generate(noise, labels, renoise)."""
+    ckpt = load_checkpoint(ckpt_path, args.device)
+    with autocast(args):
+        class_grid(make_generator(ckpt, args.device), args.device, os.path.join(args.out, "samples.png"))
+    if args.eval_samples:
+        import eval as evaluation
+        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+    print(f"done: {ckpt_path}")
+    return ckpt_path
 
 
 # --- Run directory and logging ---

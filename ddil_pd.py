@@ -264,29 +264,9 @@ def train(args):
                           round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
                 sums.zero_()
                 count = 0
-            if step % args.save_every == 0 or step == args.iters or stop.requested:
-                save()
-            if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
-                save()
-                import eval as evaluation
-                evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-            if stop.requested:
-                print(f"stopped at step {step}; rerun the same command to resume")
+            if common.end_of_step(args, step, save, stop):
                 return None
-    return finish(args, ckpt_path, device)
-
-
-def finish(args, ckpt_path, device):
-    """samples.png (class-by-seed grid of the K-step student) and, with --eval-samples, metrics.json."""
-    ckpt = common.load_checkpoint(ckpt_path, device)
-    generate = make_generator(ckpt, device)
-    with common.autocast(args):
-        common.class_grid(generate, device, os.path.join(args.out, "samples.png"))
-    if args.eval_samples:
-        import eval as evaluation
-        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-    print(f"done: {ckpt_path}")
-    return ckpt_path
+    return common.finish(args, ckpt_path, make_generator)
 
 
 def main(argv=None):
