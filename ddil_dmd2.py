@@ -28,10 +28,10 @@ x̂_0,real, --threshold-critic x̂_0,fake, --threshold-student G's output; --ref
     python ddil_dmd2.py --preset smoke --beta-fwd --threshold-teacher  # forward inputs, clipped teacher
     python ddil_dmd2.py --preset cifar10 --ddil --reflected            # the paper's +Reflected+DDIL row
 
-Expected result: the smoke preset is a pipeline check only (20 iterations of a 1.2 M parameter UNet
-on synthetic shapes, seed 0: about 1.5 min on a 2-core CPU without metrics; generator loss stays
-near 0.1 and critic loss near 0.13, both grad norms 0.2-0.4). cifar10 metrics come from the
-ablation runs (ablate.py), not yet measured. Rerunning the same command resumes from ckpt.pt.
+Expected result: the smoke preset is a pipeline check only (20 iterations of a 1.2 M-parameter UNet
+on synthetic shapes, seed 0, 2-core CPU: generator loss stays near 0.1 and critic loss near 0.13,
+both grad norms 0.2-0.4; wall times and metrics in ablations/paper-dmd2.md, smoke scale). cifar10
+metrics come from ablate.py runs. Rerunning the same command resumes from ckpt.pt.
 """
 
 import argparse
@@ -45,9 +45,8 @@ import common
 from common import alpha_sigma
 
 # Preset values of every flag whose default is None (our choices, not tuned). A cifar10 iteration is
-# 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs: measured 0.8-0.9 s on one
-# H200 in bf16 over the first 40 iterations (the baseline; cuDNN still building plans for new rollout
-# sub-batch sizes), so 6000 iterations take about 1.5 h on one H100 (estimate).
+# 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs, ~56 TFLOP with the baseline's
+# backward simulation: 6000 iterations take ~1-1.5 h on one H100 (an estimate; bench.py measures it).
 PRESETS = {
     "smoke": dict(dataset="synthetic", iters=20, batch_size=16, lr=1e-4, lr_critic=1e-4, ema=0.9,
                   guidance=1.5, log_every=5, save_every=10, eval_every=0, eval_samples=100),
@@ -243,9 +242,9 @@ def train(args):
                     group["lr"] = common.lr_at(step, lr, args.warmup)
             # One DDIL draw per iteration holds the inputs of the generator update AND of the n_fake critic
             # updates. All come from the same G (as in DMD2, where G is fixed between its updates), so this
-            # equals a fresh draw per critic update, while the sampler's fixed cost is paid once per iteration,
-            # not n_fake + 1 times: teacher rollouts are 8 sequential CFG calls per grid step on a small
-            # sub-batch, latency-bound (~15 ms per call on an H200, whatever the sub-batch size).
+            # equals a fresh draw per critic update, while the sampler's fixed cost (its small-batch bookkeeping
+            # and, without a buffer, sequential rollout calls on sub-batches) is paid once per iteration, not
+            # n_fake + 1 times.
             with common.autocast(args):
                 b = ddil_batch(sampler, (n_fake + 1) * B, step / args.iters, args.steps, student_fn, teacher_fn)
                 if device.type == "cuda":

@@ -23,13 +23,10 @@ w = 1); continuous time t = t_discrete / 1000, so LCM's 1000-step timesteps map 
     python ddil_lcm.py --preset smoke --ddil --reflected           # + DDIL mixture + thresholding
     python ddil_lcm.py --preset cifar10 --ddil --data-dir ../shared/data/cifar10-jpeg-train.zip
 
-Expected result (seed 0, teacher runs/teacher-smoke-s0, --eval-samples 0): the two smoke runs
-take 80 iterations at batch 16; on the shared 2-core CPU under load ≈ 6 (other jobs) they took
-11.8 min (final loss 0.73) and 17.3 min (--ddil --reflected, final loss 1.06); on an idle 2-core
-CPU about 1 and 2 minutes (estimated from the teacher's step rate). samples.png shows the class
-shapes after 4 steps. On one H200 (bf16, no --compile) the cifar10 preset runs at 114 ms/it
-(baseline) and 443 ms/it (--ddil, mostly the teacher's rollouts on small sub-batches).
-CIFAR-10 metrics: not measured yet.
+Expected result: the smoke preset is a pipeline check (80 iterations of a 1.2 M-parameter UNet on
+synthetic shapes, seed 0, 2-core CPU; wall times and metrics in ablations/paper-lcm.md, smoke scale).
+samples.png shows the class shapes after 4 steps. cifar10: ~35 min per run on one H100 (estimated
+from FLOPs, README); metrics come from ablate.py runs.
 """
 
 import os
@@ -39,11 +36,9 @@ import torch
 import common
 from common import _bc
 
-# Preset values of every flag whose default is None. cifar10: measured on one H200 (bf16, no
-# --compile; not measured on an H100, expect about the same): 114 ms/it, so 20k iterations ≈ 40 min;
-# --ddil runs at 443 ms/it (≈ 2.5 h), the teacher's 32-step-per-unit rollouts on small sub-batches
-# being most of the cost (a lower --buffer-refresh or --teacher-rollout-steps trades freshness or
-# accuracy of the backward states for speed).
+# Preset values of every flag whose default is None. cifar10: 20k iterations of 128, ~9.5 TFLOP each
+# (teacher CFG step, target and student forward, student backward): ~35 min on one H100 at 100 TFLOP/s
+# (an estimate; bench.py measures it). --ddil adds its rollouts: bench.py's DDIL overhead row.
 PRESETS = {
     "smoke": dict(dataset="synthetic", iters=80, batch_size=16, lr=5e-4, ema=0.99, warmup=10, guidance=1.5,
                   log_every=10, save_every=40, eval_every=0, eval_samples=100),

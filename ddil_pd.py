@@ -43,7 +43,7 @@ from common import alpha_sigma, ddim_step, threshold
 # from 8192 steps; we start at twice the teacher preset's 32 sampling steps, so round 1's teacher is at
 # least the sampler the teacher was judged with). Estimated from the teacher preset's rate, not
 # measured: about 1 h baseline on one H100 in bf16 (2 CFG teacher forwards at 2B + 1 student
-# forward/backward per iteration), 1.5-2 h with --ddil (teacher rollouts on --teacher-rollout-steps).
+# forward/backward per iteration); --ddil adds its buffered rollouts (bench.py's DDIL overhead row).
 # lr 5e-5, no warm-up, linear anneal to 0 within each round, grad clip 1: Google's cifar_distill.py.
 PRESETS = {
     "smoke": dict(dataset="synthetic", start_steps=16, iters=80, batch_size=16, lr=5e-4, warmup=5, ema=0.99,

@@ -36,8 +36,8 @@ both papers do), so their reference carries its own count: precision10k_train10k
 compared across sample counts. Reference statistics and the classifier are computed once and cached
 under cache/ (env DDIL_CACHE), keyed by a hash of the pixels (and of the Inception file).
 
-    python eval.py runs/ddil_pd-cifar10-ddil-s0                    # 10k samples (the preset's N)
-    python eval.py runs/ddil_pd-smoke-s0 --samples 100             # minutes on a laptop CPU
+    python eval.py runs/pd-cifar10-ddil-s0                        # 10k samples (the preset's N)
+    python eval.py runs/pd-smoke-s0 --samples 100                  # minutes on a laptop CPU
     python eval.py --teacher runs/teacher-cifar10-s0/ckpt.pt --steps 32
     python eval.py --images my_samples.zip --data-dir ../shared/data/cifar10-jpeg-train.zip
     python eval.py --images ../shared/data/cifar10-jpeg-train.zip --slice 0:5000 \\
