@@ -27,6 +27,10 @@ depend on the batch size, and two runs evaluated with the same N see the same no
                                  between the student's x̂_0 at that step and the teacher's sample on the same
                                  noise (a list; its last entry is the student's sample itself), showing
                                  where along its trajectory the student parts from the teacher
+                                 (re-noising samplers, LCM and DMD2, draw fresh noise from seed i's
+                                 generator too: they cannot follow the teacher's ODE path, so their level is
+                                 not zero even for a perfect student, but two runs of one method remain
+                                 paired sample for sample)
 
 Names carry the sample count N (10000 -> 10k) and the reference: `train` is the run's whole training
 set, `train500` an evenly spaced subset of 500 of its images (the smoke preset: Inception costs
