@@ -185,13 +185,15 @@ def write_outputs(rows, study, method, preset, ref, n_seeds, out_dir="ablations"
     scale = "SMOKE-SCALE EXAMPLE (tiny UNet, synthetic data, minutes of CPU): not results." if preset == "smoke" else ""
     lines = [f"# Ablation `{study}` — {method} (preset {preset}, {n_seeds} seed(s))", "",
              scale, "",
-             f"Mean ± std over seeds. Δ columns: paired difference to `{ref}` per seed, averaged, with a 95 % "
-             "t-interval over seeds; * marks an interval that excludes zero. Metric names in metrics.json carry "
+             ("One seed: values, no spread. " if n_seeds == 1 else "Mean ± std over seeds. ")
+             + f"Δ columns: paired difference to `{ref}` per seed, averaged, with a 95 % t-interval over seeds; "
+             "* marks an interval that excludes zero. Metric names in metrics.json carry "
              "the sample count and reference (e.g. fid10k_train).", "",
              "| setting | " + " | ".join(metrics) + (" | " if deltas else "") + " | ".join(f"Δ{m}" for m in deltas) + " |",
              "|" + "---|" * (1 + len(metrics) + len(deltas))]
     for r in rows:
-        cells = [f"{r[m]:.4g} ± {r[m + '_std']:.2g}" if m in r else "" for m in metrics]
+        cells = [("" if m not in r else f"{r[m]:.4g}" if n_seeds == 1 else f"{r[m]:.4g} ± {r[m + '_std']:.2g}")
+                 for m in metrics]
         for m in deltas:
             if f"d_{m}" not in r:
                 cells.append("(ref)" if r["setting"] == ref else "")
