@@ -98,8 +98,9 @@ def run_one(method, flags, seed, preset, extra, dry):
                                "(finished runs are kept)")
     if not os.path.exists(os.path.join(out, "metrics.json")):
         raise common.UserError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-    with open(done, "w") as f:
+    with open(done + ".tmp", "w") as f:  # atomic, like every file a run leaves
         json.dump({"wall_s": time.time() - t0, "cmd": cmd[1:]}, f)
+    os.replace(done + ".tmp", done)
     return out
 
 

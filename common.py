@@ -635,8 +635,10 @@ def prepare_run(args, method):
     return the path of its checkpoint. The first log line says which preset is in force."""
     os.makedirs(args.out, exist_ok=True)
     print(f"{method}: preset {args.preset} on {args.device} ({args.preset_reason}); run directory {args.out}")
-    with open(os.path.join(args.out, "config.json"), "w") as f:
+    path = os.path.join(args.out, "config.json")
+    with open(path + ".tmp", "w") as f:  # atomic: a run killed here never leaves an empty config.json
         json.dump({"method": method, **vars(args), "versions": versions()}, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
     return os.path.join(args.out, "ckpt.pt")
 
 

@@ -566,8 +566,8 @@ def teacher_samples(teacher_fn, n, device, ref_steps=REF_STEPS, cache_key=None, 
         with amp():
             out.append(common.sample(teacher_fn, noise, y, times).float().cpu())
     x = torch.cat(out)
-    if path:
-        torch.save(x.half(), path + ".tmp")
+    if path:  # full precision: the run that fills the cache and the runs that read it see the same values
+        torch.save(x, path + ".tmp")
         os.replace(path + ".tmp", path)
     return x
 

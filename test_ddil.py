@@ -1139,9 +1139,11 @@ def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussi
     n, R = 20, 32
     agree = lambda fn, K: evaluation.teacher_agreement((fn, torch.linspace(1, 0, K + 1).tolist(), False),
                                                        gaussian_teacher_fn, n, "cpu", lpips_or_skip, R, "gauss")[0]
+    first = agree(gaussian_teacher_fn, 4)                      # computes the teacher's samples and caches them
+    assert os.path.isfile(tmp_path / "teacher-samples-gauss-ddim32-n20.pt")
+    assert agree(gaussian_teacher_fn, 4) == first                # the run reading the cache sees the same values
     same = agree(gaussian_teacher_fn, R)                       # the teacher itself, same steps: exactly 0
     assert same["teacher_mse20_ddim32"] == 0 and abs(same["teacher_lpips20_ddim32"]) < 1e-6
-    assert os.path.isfile(tmp_path / "teacher-samples-gauss-ddim32-n20.pt")     # cached for the next run
     mse = [agree(gaussian_teacher_fn, K)["teacher_mse20_ddim32"] for K in (2, 4, 8)]
     assert mse[0] > mse[1] > mse[2] > 0 and mse[2] < mse[0] / 4             # fewer-step teachers converge
     torch.manual_seed(0)
