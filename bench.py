@@ -18,8 +18,9 @@ random-weight teacher of the preset's size and synthetic data: speed does not de
 - our UNet's training step vs a peer UNet of about the same parameter count (diffusers'
   UNet2DModel, DDPM's CIFAR-10 layout), when diffusers is installed (`pip install diffusers`).
 
-ms/it is the mean over the log intervals after the first (which holds start-up, autotuning and the
-replay buffer's initial fill). PD runs a single round (--start-steps 2K): every round restarts its
+ms/it of a run is the mean over its log intervals after the first (which holds start-up, autotuning
+and the replay buffer's initial fill); a table row is the fastest of its --repeats runs (all are listed),
+since a shared machine's noise only ever adds time. PD runs a single round (--start-steps 2K): every round restarts its
 buffer, a one-off cost that a real round (thousands of iterations) amortises but a short
 measurement would not; the per-iteration DDIL cost does not depend on the round's grid.
 """
@@ -259,13 +260,13 @@ def main(argv=None):
             if variant == "baseline" and len(ms[variant]) == 1:
                 sampling.append((m, steps, sampling_speed(module, os.path.join(out, "ckpt.pt"), args.device,
                                                           256 if cuda else 64, amp)))
-        mean = {v: min(x) for v, x in ms.items()}     # the fastest run: machine noise only ever adds time
+        best = {v: min(x) for v, x in ms.items()}     # the fastest run: machine noise only ever adds time
         for variant in VARIANTS:
-            note = "" if variant == "baseline" else f"{mean[variant] / mean['baseline']:.2f}x baseline"
-            lines.append(f"| {m} {variant} | {batch} | {mean[variant]:.1f} | {batch / mean[variant] * 1000:.0f} | "
+            note = "" if variant == "baseline" else f"{best[variant] / best['baseline']:.2f}x baseline"
+            lines.append(f"| {m} {variant} | {batch} | {best[variant]:.1f} | {batch / best[variant] * 1000:.0f} | "
                          f"{mem:.2f} | {note} (runs: {', '.join(f'{x:.0f}' for x in ms[variant])} ms/it) |")
         pairs = [d / b for b, d in zip(ms["baseline"], ms["ddil"])]
-        ratios.append((m, mean["ddil"] / mean["baseline"], pairs, mean["ddil-nobuf"] / mean["baseline"]))
+        ratios.append((m, best["ddil"] / best["baseline"], pairs, best["ddil-nobuf"] / best["baseline"]))
 
     lines += ["", "| DDIL overhead (same process, same machine) | --ddil / baseline | per pair | "
                   "--ddil --buffer-size 0 / baseline | target <= 1.15 |", "|---|---|---|---|---|"]
