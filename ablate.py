@@ -222,8 +222,12 @@ def plot_bars(rows, metrics, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metrics = [m for m in metrics if any(m in r for r in rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    n_cols = min(5, len(metrics))                      # rows of five panels: readable on a page
+    n_rows = -(-len(metrics) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3 * n_cols, 3.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, metrics):
         names = [r["setting"] for r in rows if m in r]
         ax.bar(range(len(names)), [r[m] for r in rows if m in r], yerr=[r[m + "_std"] for r in rows if m in r],
                color="tab:blue", alpha=0.8, capsize=3)
@@ -291,12 +295,12 @@ def write_shift(method, preset, seeds, n, device, out_dir="ablations"):
              "Mean squared gap between the student's x̂_0 and the end of the teacher's trajectory from the same state, "
              "at each of the student's K sampling steps, on (a) forward-diffused data states and (b) the student's "
              "own rollout states. Covariate shift shows as (b) growing above (a) along the trajectory.", "",
-             "| student | states | " + " | ".join(f"step {k}" for k in range(K)) + " |", "|---|---|" + "---|" * K]
+             "| student | states | " + " | ".join(f"step {k + 1}" for k in range(K)) + " |", "|---|---|" + "---|" * K]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for setting, c in curves.items():
         for i, states in enumerate(("(a) forward", "(b) own rollout")):
             lines.append(f"| {setting} | {states} | " + " | ".join(f"{v:.4g}" for v in c[i]) + " |")
-            ax.plot(range(K), c[i], marker="o", ls="-" if i else "--", label=f"{setting} {states}")
+            ax.plot(range(1, K + 1), c[i], marker="o", ls="-" if i else "--", label=f"{setting} {states}")
     ax.set_xlabel("student sampling step k"), ax.set_ylabel("MSE to teacher x̂_0"), ax.legend(fontsize=7)
     ax.set_title(f"covariate shift — {method}", fontsize=9)
     fig.tight_layout()
