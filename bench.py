@@ -55,7 +55,7 @@ def parse_args(argv=None):
                    help="network and batch sizes (auto: cifar10 on CUDA, smoke on the CPU)")
     p.add_argument("--quick", action="store_true", help="fewer iterations per measurement")
     p.add_argument("--iters", type=common._positive_int, default=None,
-                   help="training iterations per run (default: 24 on the CPU (DMD2 9), 60 on a GPU; --quick: half)")
+                   help="training iterations per run (default: 18 on the CPU (DMD2 6), 60 on a GPU; --quick: half)")
     p.add_argument("--methods", default="pd,lcm,dmd2", help="comma-separated subset of pd,lcm,dmd2")
     p.add_argument("--repeats", type=common._positive_int, default=2,
                    help="alternating baseline / --ddil runs per method (ratio of the fastest of each is the DDIL overhead)")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     if args.preset == "auto":
         args.preset = "cifar10" if args.device.startswith("cuda") else "smoke"
     cuda = args.device.startswith("cuda")
-    default = dict(teacher=60, pd=60, lcm=60, dmd2=60) if cuda else dict(teacher=24, pd=24, lcm=24, dmd2=9)
+    default = dict(teacher=60, pd=60, lcm=60, dmd2=60) if cuda else dict(teacher=18, pd=18, lcm=18, dmd2=6)
     args.iters = {k: max(6, (args.iters or v) // (2 if args.quick else 1)) for k, v in default.items()}
     args.methods = [m for m in args.methods.split(",") if m]
     if not set(args.methods) <= {"pd", "lcm", "dmd2"}:
