@@ -19,10 +19,11 @@ random-weight teacher of the preset's size and synthetic data: speed does not de
   UNet2DModel, DDPM's CIFAR-10 layout), when diffusers is installed (`pip install diffusers`).
 
 ms/it of a run is the mean over its log intervals after the first (which holds start-up, autotuning
-and the replay buffer's initial fill); a table row is the fastest of its --repeats runs (all are listed),
-since a shared machine's noise only ever adds time. PD runs a single round (--start-steps 2K): every round restarts its
-buffer, a one-off cost that a real round (thousands of iterations) amortises but a short
-measurement would not; the per-iteration DDIL cost does not depend on the round's grid.
+and the replay buffer's initial fill); a table row is the fastest of its --repeats runs (all are
+listed), since a shared machine's noise only ever adds time. PD runs a single round (--start-steps
+2K): every round restarts its buffer, a one-off cost that a real round (thousands of iterations)
+amortises but a short measurement would not; the per-iteration DDIL cost does not depend on the
+round's grid.
 """
 
 import contextlib
