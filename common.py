@@ -650,8 +650,20 @@ class RunLog:
     def __init__(self, out_dir, total_steps, start_step=0):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.total, self.t_last, self.s_last = total_steps, time.time(), start_step
+        self.acc = {}
+
+    def add(self, **values):
+        """Accumulate values (device tensors stay on the device) until the next write, which logs the
+        mean of each over the times it was added: the steps actually taken, also in the first interval
+        after a resume."""
+        for k, v in values.items():
+            total, n = self.acc.get(k, (0.0, 0))
+            self.acc[k] = (total + (v.detach().float() if isinstance(v, torch.Tensor) else v), n + 1)
 
     def write(self, step, **values):
+        """Log the means of what was added since the last write, then `values` as they are."""
+        values = {**{k: total / n for k, (total, n) in self.acc.items()}, **values}
+        self.acc = {}
         rec = {"step": step}
         for k, v in values.items():
             if isinstance(v, torch.Tensor):

@@ -231,8 +231,6 @@ def train(args):
 
     log = common.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "critic_loss", "grad_norm", "critic_grad_norm",
-                                                        "clip_pct", "gan_loss", "critic_gan_loss")}
     B, n_fake = args.batch_size, args.fake_updates
     clip_norm = args.grad_clip or float("inf")
     with common.GracefulStop() as stop:
@@ -263,13 +261,13 @@ def train(args):
                         x_real, y_real = data.batch(B)
                         loss_gan_c = (F.softplus(-realism_logit(mu_fake, head, x_real, y_real))
                                       + F.softplus(head(features.float()))).mean()
-                        sums["critic_gan_loss"] += loss_gan_c.detach() / n_fake
+                        log.add(critic_gan_loss=loss_gan_c)
                         loss_c = loss_c + args.gan_critic_weight * loss_gan_c
                 opt_c.zero_grad(set_to_none=True)
                 loss_c.backward()
-                sums["critic_grad_norm"] += torch.nn.utils.clip_grad_norm_(critic_params, clip_norm) / n_fake
+                log.add(critic_grad_norm=torch.nn.utils.clip_grad_norm_(critic_params, clip_norm))
                 opt_c.step()
-                sums["critic_loss"] += loss_c.detach() / n_fake
+                log.add(critic_loss=loss_c)                # logged: the mean over all n_fake updates
 
             # Generator G: distribution matching (+ GAN) on the first B inputs.
             x_t, t, y = b["x_t"][:B], b["t"][:B], b["y"][:B]
@@ -282,25 +280,20 @@ def train(args):
                     critic.requires_grad_(False), head.requires_grad_(False)
                     loss_gan = F.softplus(-realism_logit(mu_fake, head, x, y)).mean()
                     critic.requires_grad_(True), head.requires_grad_(True)
-                    sums["gan_loss"] += loss_gan.detach()
+                    log.add(gan_loss=loss_gan)
                     loss = loss + args.gan_weight * loss_gan
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
-            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+            log.add(grad_norm=torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm))
             opt_g.step()
             common.ema_update(ema, student, args.ema, step)
-            sums["loss"] += loss.detach()
-            sums["clip_pct"] += 100 * extra["clip"]
+            log.add(loss=loss, clip_pct=100 * extra["clip"])
             stats.add(loss_dm, b["source"][:B])
             step += 1
 
             if step % args.log_every == 0 or step == args.iters:
-                n = args.log_every if step % args.log_every == 0 else step % args.log_every
-                extras = {k: v / n for k, v in sums.items() if head is not None or "gan" not in k}
-                log.write(step, **extras, **stats.summary("loss"), lr=opt_g.param_groups[0]["lr"],
+                log.write(step, **stats.summary("loss"), lr=opt_g.param_groups[0]["lr"],
                           lr_critic=opt_c.param_groups[0]["lr"])
-                for v in sums.values():
-                    v.zero_()
             if common.end_of_step(args, step, save, stop):
                 return None
     return common.finish(args, ckpt_path, make_generator)

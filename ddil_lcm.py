@@ -244,9 +244,6 @@ def train(args):
 
     log = common.RunLog(args.out, args.iters, step)
     per_source = common.SourceStats(device)
-    sums = dict(loss=torch.zeros((), device=device), clip=torch.zeros((), device=device),
-                clip_target=torch.zeros((), device=device))
-    n_acc = 0
     with common.GracefulStop() as stop:
         while step < args.iters:
             lr = common.lr_at(step, args.lr, args.warmup)
@@ -259,18 +256,10 @@ def train(args):
             update_target(target, student, args.target_ema)
             common.ema_update(ema, student, args.ema, step)
             per_source.add(loss, source)
-            sums["loss"] += loss.detach().mean()
-            sums["clip"] += stats["clip"]
-            sums["clip_target"] += stats["clip_target"]
-            n_acc += 1
+            log.add(loss=loss.detach().mean(), clip_pct=100 * stats["clip"], clip_target_pct=100 * stats["clip_target"])
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, loss=sums["loss"] / n_acc, **per_source.summary("loss"),
-                          clip_pct=100 * sums["clip"] / n_acc, clip_target_pct=100 * sums["clip_target"] / n_acc,
-                          lr=lr)
-                for v in sums.values():
-                    v.zero_()
-                n_acc = 0
+                log.write(step, **per_source.summary("loss"), lr=lr)
             if common.end_of_step(args, step, save, stop):
                 return None
     return common.finish(args, ckpt_path, make_generator)

@@ -219,8 +219,6 @@ def train(args):
 
     log = common.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
-    sums = torch.zeros(3, device=device)                                  # loss, clip %, grad norm
-    count = 0
     with common.GracefulStop() as stop:
         while step < args.iters:
             r = sum(s <= step for s in starts[1:-1])
@@ -255,15 +253,10 @@ def train(args):
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
             stats.add(losses, b["source"])
-            sums += torch.stack([loss.detach(), 100 * common.out_of_range(x0_teacher), gnorm.detach().float()])
-            count += 1
+            log.add(loss=loss, clip_pct=100 * common.out_of_range(x0_teacher), grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                loss_avg, clip, gn = (sums / count).unbind()
-                log.write(step, loss=loss_avg, **stats.summary("loss"), clip_pct=clip, grad_norm=gn,
-                          round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
-                sums.zero_()
-                count = 0
+                log.write(step, **stats.summary("loss"), round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
             if common.end_of_step(args, step, save, stop):
                 return None
     return common.finish(args, ckpt_path, make_generator)

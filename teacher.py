@@ -127,7 +127,6 @@ def train(args):
             opts=dict(model=opt.state_dict()), rng=common.rng_state()))
 
     log = common.RunLog(args.out, args.iters, step)
-    loss_sum = torch.zeros((), device=device)
     with common.GracefulStop() as stop:
         while step < args.iters:
             for group in opt.param_groups:
@@ -141,12 +140,10 @@ def train(args):
             loss.backward()
             opt.step()
             common.ema_update(ema, net, args.ema, step)
-            loss_sum += loss.detach()
+            log.add(loss=loss)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                n = args.log_every if step % args.log_every == 0 else step % args.log_every
-                log.write(step, loss=loss_sum / n, lr=opt.param_groups[0]["lr"])
-                loss_sum.zero_()
+                log.write(step, lr=opt.param_groups[0]["lr"])
             if common.end_of_step(args, step, save, stop):
                 return None
     return common.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps))

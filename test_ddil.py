@@ -363,6 +363,21 @@ def test_image_folder_zip_loads_real_cifar10_slice():
 
 # --- Checkpoints, resume, teacher ---
 
+def test_run_log_writes_the_mean_of_the_steps_actually_taken(tmp_path):
+    # A run resumed at step 7 with --log-every 5 logs at step 10 the mean of steps 8-10 (3 values), not
+    # their sum over 5; a key added n times per step (DMD2's critic updates) is averaged over all n.
+    log = common.RunLog(str(tmp_path), 20, start_step=7)
+    for step, v in ((8, 1.0), (9, 2.0), (10, 6.0)):
+        log.add(loss=torch.tensor(v), count=step)
+        log.add(critic=torch.tensor(v)), log.add(critic=torch.tensor(-v))
+    log.write(10, lr=0.5)
+    log.add(loss=torch.tensor(4.0))
+    log.write(11)
+    first, second = read_log(tmp_path)
+    assert first["loss"] == 3.0 and first["count"] == 9.0 and first["critic"] == 0.0 and first["lr"] == 0.5
+    assert second["loss"] == 4.0 and "critic" not in second                 # cleared by each write
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
