@@ -597,10 +597,10 @@ class GracefulStop:
 def end_of_step(args, step, save, stop):
     """Checkpoint every --save-every steps, at the last step and on a stop request; evaluate every
     --eval-every steps (metrics.json). Returns True when the loop must stop (Ctrl-C / SIGTERM)."""
-    if step % args.save_every == 0 or step == args.iters or stop.requested:
-        save()
-    if args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples:
-        save()
+    evaluate = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples)
+    if step % args.save_every == 0 or step == args.iters or stop.requested or evaluate:
+        save()                                   # evaluate_run reads the checkpoint
+    if evaluate:
         import eval as evaluation
         evaluation.evaluate_run(args.out, args.eval_samples, args.device)
     if stop.requested:

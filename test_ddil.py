@@ -7,6 +7,7 @@ formulas written out independently here, and bitwise comparisons against uninter
     python -m pytest -q test_ddil.py
 """
 
+import argparse
 import json
 import math
 import os
@@ -376,6 +377,21 @@ def test_run_log_writes_the_mean_of_the_steps_actually_taken(tmp_path):
     first, second = read_log(tmp_path)
     assert first["loss"] == 3.0 and first["count"] == 9.0 and first["critic"] == 0.0 and first["lr"] == 0.5
     assert second["loss"] == 4.0 and "critic" not in second                 # cleared by each write
+
+
+def test_end_of_step_saves_once_and_evaluates_on_schedule(monkeypatch):
+    # --save-every 4, --eval-every 6, 14 iterations: checkpoints at 4, 6 (for the evaluation), 8, 12 (both
+    # schedules), 14 (last), each once; evaluations at 6 and 12 (the last step's is the run's final one, in
+    # finish()).
+    saves, evals = [], []
+    monkeypatch.setattr(evaluation, "evaluate_run", lambda out, n, device: evals.append(n))
+    args = argparse.Namespace(save_every=4, eval_every=6, eval_samples=50, iters=14, out="unused", device="cpu")
+    stop = argparse.Namespace(requested=False)
+    for step in range(1, 14):
+        assert not common.end_of_step(args, step, lambda: saves.append(step), stop)
+    stop.requested = True                                  # Ctrl-C: save at this step and stop
+    assert common.end_of_step(args, 14, lambda: saves.append(14), stop)
+    assert saves == [4, 6, 8, 12, 14] and evals == [50, 50]
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
