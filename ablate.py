@@ -25,6 +25,7 @@ Grids (DESIGN §1, §4):
 """
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -47,21 +48,32 @@ DELTA_METRICS = ("fid", "class_score", "lpips_div", "teacher_mse", "teacher_lpip
 
 # --- The grids ---
 
+# Every row of the priors study shares --ddil's buffer, refresh and chunk settings, so that its rows
+# differ only in the priors and their schedule; "fixed" rows use the constant schedule.
+FIXED = ["--ddil", "--prior-schedule", "constant"]
+
+
 def grid(study, method):
     """[(setting, flags)] of a study for a method, reference row first."""
     if study == "priors":
-        rows = [("fwd100", ["--beta-fwd"]), ("student100", ["--beta-student"]),
-                ("fwd50-student50", ["--beta-fwd", "--beta-student"])]
+        rows = [("fwd100", FIXED + ["--beta-fwd", "1", "--beta-teacher", "0", "--beta-student", "0"]),
+                ("student100", FIXED + ["--beta-fwd", "0", "--beta-teacher", "0", "--beta-student", "1"]),
+                ("fwd50-student50", FIXED + ["--beta-fwd", "1", "--beta-teacher", "0", "--beta-student", "1"])]
         rows += [(f"ddil-{s}", ["--ddil"] + ([] if s == "linear" else ["--prior-schedule", s]))   # --ddil is linear
                  for s in ("constant", "linear", "cosine", "step")]
         return rows
     if study == "threshold":
-        rows = [("none", ["--ddil"]), ("teacher", ["--ddil", "--threshold-teacher"]),
+        # Where x̂_0 is clipped: nowhere; only in the student's sampler (PD's official default); the teacher;
+        # the student (training target / output, and its sampler); both. DMD2 adds the critic, the
+        # consistent teacher+critic pair (clipping one score alone moves DMD's fixed point), and all three.
+        off = ["--ddil", "--no-sample-clip"]
+        rows = [("none", off), ("sampling", ["--ddil", "--sample-clip"]), ("teacher", off + ["--threshold-teacher"]),
                 ("student", ["--ddil", "--threshold-student"]),
                 ("teacher+student", ["--ddil", "--threshold-teacher", "--threshold-student"])]
         if method == "dmd2":
-            rows += [("critic", ["--ddil", "--threshold-critic"]),
-                     ("all", ["--ddil", "--threshold-teacher", "--threshold-student", "--threshold-critic"])]
+            rows += [("critic", off + ["--threshold-critic"]),
+                     ("teacher+critic", off + ["--threshold-teacher", "--threshold-critic"]),
+                     ("all", ["--ddil", "--reflected"])]
         return rows
     if study == "paper":
         return [("baseline", []), ("ddil", ["--ddil"]), ("reflected-ddil", ["--ddil", "--reflected"])]
@@ -72,6 +84,20 @@ def reference(study, method):
     """The row every paired delta is taken against: the method's baseline, or no thresholding."""
     return {"priors": "fwd100" if BASELINE_SOURCE[method] == "fwd" else "student100",
             "threshold": "none", "paper": "baseline"}[study]
+
+
+# Resolved settings that do not change a run's result (where it writes, how often it logs, shorthands
+# already expanded into the settings they stand for).
+NOT_RESULT = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "compile", "preset_reason",
+              "ddil", "reflected"}
+
+
+def resolved_config(method, flags, preset, seed, extra):
+    """The settings a run of the grid trains with: its own script's parse_args (what --dry-run prints),
+    minus NOT_RESULT."""
+    module = importlib.import_module(f"ddil_{method}")
+    args = module.parse_args(["--preset", preset, "--seed", str(seed), *flags, *extra])
+    return {k: v for k, v in vars(args).items() if k not in NOT_RESULT}
 
 
 def run_dir(method, preset, flags, seed):

@@ -130,18 +130,19 @@ def sample(model_fn, noise, labels, times, renoise=None):
     return z
 
 
-def fine_grid(t, s, steps_per_unit):
-    """[t, ..., s] split into ceil(steps_per_unit (t - s)) equal DDIM steps: a teacher grid that
-    contains every student grid time (DESIGN §4, --teacher-rollout-steps)."""
-    n = max(1, math.ceil(steps_per_unit * (t - s) - 1e-6))
+def fine_grid(t, s, steps_per_unit, min_steps=1):
+    """[t, ..., s] split into max(min_steps, ceil(steps_per_unit (t - s))) equal DDIM steps: a teacher
+    grid that contains every student grid time (DESIGN §4, --teacher-rollout-steps)."""
+    n = max(min_steps, math.ceil(steps_per_unit * (t - s) - 1e-6))
     return [t + (s - t) * i / n for i in range(n + 1)]
 
 
 def _policy_step(student_fn, teacher_fn, z, y, t, s, expert_prob, renoise, teacher_steps):
     """One transition t -> s of every example of z under DAgger's mixture policy
     pi = p pi* + (1 - p) pi_hat (Ross et al. 2011): the teacher (DDIM on a finer grid, `teacher_steps`
-    per unit time) with probability p = expert_prob, otherwise the student's own sampler step."""
-    teacher = lambda z, y: sample(teacher_fn, z, y, fine_grid(t, s, teacher_steps))
+    per unit time, and at least two per student step: the expert is finer than the learner) with
+    probability p = expert_prob, otherwise the student's own sampler step."""
+    teacher = lambda z, y: sample(teacher_fn, z, y, fine_grid(t, s, teacher_steps, min_steps=2))
     student = lambda z, y: sampler_step(student_fn, z, t, s, y, renoise)
     if expert_prob >= 1.0:
         return teacher(z, y)
@@ -228,24 +229,31 @@ class DDILSampler:
         student: the student's own sampler for j ~ U{0..K-1} steps (DAgger mixture if expert_prob > 0)
 
     Examples come back grouped by source (fwd, teacher, student); shuffle before slicing a batch.
+    One draw is one training iteration: `self.it` counts them and is the clock of a state's age.
 
     buffer_size = 0: every backward state is a fresh rollout to its own random j (`rollout`).
-    buffer_size > 0: a FIFO replay buffer per source serves the backward states. It takes in, on
-    average, `refresh` fresh states per backward state served, but rolls them out in chunks of
-    `chunk` whole trajectories (`trajectory`), each giving its state at every grid time. This departs
-    from "refresh a fraction of every batch" (DESIGN §4) for speed: dozens of sequential teacher calls
-    on a handful of states per iteration leave a GPU idle. The buffer is in `state_dict()`, stored in
-    float16 (the states are N(0, 1)-scale; half precision is 5e-4 relative)."""
+    buffer_size > 0: a FIFO replay buffer per source of whole trajectories (`trajectory`: one state at
+    every grid time, so every grid time is always served, high noise included), holding at most
+    buffer_size // K of them. It takes in, on average, `refresh` fresh states per backward state
+    served, rolled out `chunk` trajectories at a time: dozens of sequential teacher calls on a
+    handful of states per iteration would leave a GPU idle. (This departs from "refresh a fraction of
+    every batch" for speed.) DAgger trains on the current policy's states, so student states older
+    than `max_age` iterations are dropped before serving (0 = no bound), and student refills are
+    made small enough (at most rate * max_age / 2 trajectories, rate = the refresh credit per
+    iteration) that at least two land within every age window. The buffer is in `state_dict()`,
+    stored in float16 (the states are N(0, 1)-scale; half precision is 5e-4 relative)."""
 
     def __init__(self, data, priors, prior_start=(1.0, 0.0, 0.0), schedule="constant", warmup=0.3,
-                 buffer_size=0, refresh=0.25, expert_prob=0.0, teacher_steps=32, chunk=8):
+                 buffer_size=0, refresh=0.25, expert_prob=0.0, teacher_steps=32, chunk=8, max_age=0):
         self.data = data
         self.end = torch.tensor(priors, dtype=torch.float64)
         self.start = torch.tensor(prior_start, dtype=torch.float64)
         self.schedule, self.warmup = schedule, warmup
-        self.buffer_size, self.refresh, self.chunk = buffer_size, refresh, chunk
+        self.buffer_size, self.refresh, self.chunk, self.max_age = buffer_size, refresh, chunk, max_age
         self.expert_prob, self.teacher_steps = expert_prob, teacher_steps
+        self.it = 0
         self.reset()
+        self._age_stats()
 
     def reset(self):
         """Forget buffered states (e.g. when the student's grid changes between PD rounds)."""
@@ -267,69 +275,118 @@ class DDILSampler:
         t = fwd_times.to(x0.device)[torch.randint(len(fwd_times), (n_fwd,), device=x0.device)]
         alpha_t, sigma_t = (_bc(a.to(x0.device), x0) for a in alpha_sigma(t))
         parts = [(alpha_t * x0 + sigma_t * torch.randn_like(x0), t, y)]
+        # The expert's grid is at least twice as fine as the student's (DESIGN §4): in PD's first round
+        # (n = 32) a 32-per-unit teacher grid would be the student's own grid, one DDIM step per step.
+        teacher_steps = max(self.teacher_steps, 2 * (len(times) - 1))
         for name, m, p in (("teacher", n_teacher, 1.0), ("student", n_student, self.expert_prob)):
-            rollout_fns = (student_fn, teacher_fn, p, renoise)
-            parts.append(self._fresh(m, times, *rollout_fns) if self.buffer_size == 0 else
-                         self._from_buffer(name, m, times, *rollout_fns))
+            rollout_fns = (student_fn, teacher_fn, p, renoise, teacher_steps)
+            z, t, y, age = (self._fresh(m, times, *rollout_fns) if self.buffer_size == 0 else
+                            self._from_buffer(name, m, times, *rollout_fns))
+            parts.append((z, t, y))
+            if m:
+                s = self.ages[name]
+                s[0], s[1], s[2] = s[0] + float(age.float().sum()), s[1] + m, max(s[2], int(age.max()))
+        self.it += 1
         x_t, t, y = (torch.cat(v) for v in zip(*parts))
         source = torch.repeat_interleave(torch.arange(3, device=x_t.device), counts.to(x_t.device))
         return dict(x_t=x_t, t=t, y=y, source=source)
 
-    def _fresh(self, m, times, student_fn, teacher_fn, expert_prob, renoise):
-        """m backward states, each rolled out to its own j ~ U{0..K-1}."""
+    def _age_stats(self):
+        """{source: [sum of ages, states served, max age]} since the last `log_stats`."""
+        self.ages = {"teacher": [0.0, 0, 0], "student": [0.0, 0, 0]}
+
+    def log_stats(self):
+        """Mean and maximum age, in iterations, of the backward states served per source since the
+        last call (age_mean_student, age_max_student, ...; 0 for fresh rollouts), for log.jsonl."""
+        out = {}
+        for name, (total, count, oldest) in self.ages.items():
+            if count:
+                out[f"age_mean_{name}"], out[f"age_max_{name}"] = total / count, oldest
+        self._age_stats()
+        return out
+
+    def _fresh(self, m, times, student_fn, teacher_fn, expert_prob, renoise, teacher_steps):
+        """m backward states, each rolled out to its own j ~ U{0..K-1}; all of age 0."""
         _, y = self.data.batch(m)                                       # labels follow the data's classes
         j = torch.randint(len(times) - 1, (m,), device=y.device)
         noise = torch.randn(m, 3, 32, 32, device=y.device)
-        z = rollout(student_fn, teacher_fn, noise, y, times, j, expert_prob, renoise, self.teacher_steps)
-        return z.float(), torch.as_tensor(times, dtype=torch.float32, device=y.device)[j], y
+        z = rollout(student_fn, teacher_fn, noise, y, times, j, expert_prob, renoise, teacher_steps)
+        t = torch.as_tensor(times, dtype=torch.float32, device=y.device)[j]
+        return z.float(), t, y, torch.zeros_like(j)
 
-    def _from_buffer(self, name, m, times, student_fn, teacher_fn, expert_prob, renoise):
-        """m backward states drawn uniformly from the source's buffer, after refilling it with whole
-        trajectories when it holds fewer than m states or has earned `chunk` trajectories of credit."""
+    def _from_buffer(self, name, m, times, student_fn, teacher_fn, expert_prob, renoise, teacher_steps):
+        """m backward states drawn uniformly from the source's live (trajectory, grid time) pairs, after
+        dropping student trajectories older than max_age and refilling with whole trajectories when the
+        buffer holds fewer than m states or has earned a chunk of credit."""
         if m == 0:
-            return self._fresh(0, times, student_fn, teacher_fn, expert_prob, renoise)
-        buf = self.buffers[name]
-        if buf is None:
-            buf = self.buffers[name] = dict(z=None, t=None, y=None, ptr=0, n=0, credit=0.0)
+            return self._fresh(0, times, student_fn, teacher_fn, expert_prob, renoise, teacher_steps)
         K = len(times) - 1
-        buf["credit"] += self.refresh * m
-        while buf["n"] < min(m, self.buffer_size) or buf["credit"] >= self.chunk * K:
-            trajectories = max(self.chunk, math.ceil((m - buf["n"]) / K))
-            _, y = self.data.batch(trajectories)
-            noise = torch.randn(trajectories, 3, 32, 32, device=y.device)
-            z = trajectory(student_fn, teacher_fn, noise, y, times, expert_prob, renoise, self.teacher_steps)
-            t = torch.as_tensor(times[:K], dtype=torch.float32, device=y.device).repeat_interleave(trajectories)
-            self._push(buf, z.flatten(0, 1), t, y.repeat(K))
-            buf["credit"] = max(0.0, buf["credit"] - K * trajectories)
-        k = torch.randint(buf["n"], (m,), device=buf["y"].device)
-        return buf["z"][k].float(), buf["t"][k], buf["y"][k]
+        C = max(1, self.buffer_size // K)                               # capacity in trajectories
+        buf = self.buffers[name]
+        if buf is None or buf["K"] != K:
+            buf = self.buffers[name] = dict(z=None, y=None, born=None, K=K, ptr=0, n=0, credit=0.0)
+        rate = self.refresh * m / K                                     # trajectories earned per draw
+        buf["credit"] += rate
+        chunk = min(self.chunk, C)
+        if name == "student" and self.max_age:
+            live = self._live(buf)
+            buf["n"] -= int((self.it - buf["born"][live] > self.max_age).sum()) if buf["n"] else 0
+            chunk = max(1, min(chunk, int(rate * self.max_age / 2)))     # >= 2 refills per age window
+        new = chunk * int(buf["credit"] // chunk)                       # the credit, in whole chunks
+        short = math.ceil(m / K) - buf["n"]                             # too few states to serve m
+        if short > 0:
+            new = max(new, short, chunk)
+        if new:
+            new = min(new, C)
+            _, y = self.data.batch(new)
+            noise = torch.randn(new, 3, 32, 32, device=y.device)
+            z = trajectory(student_fn, teacher_fn, noise, y, times, expert_prob, renoise, teacher_steps)
+            self._push(buf, z.transpose(0, 1), y, C)                    # [new, K, 3, 32, 32]
+            buf["credit"] = max(0.0, buf["credit"] - new)
+        live = self._live(buf)
+        i = live[torch.randint(buf["n"], (m,), device=live.device)]     # trajectory
+        k = torch.randint(K, (m,), device=live.device)                  # grid time
+        t = torch.as_tensor(times[:K], dtype=torch.float32, device=buf["y"].device)[k]
+        return buf["z"][i, k].float(), t, buf["y"][i], self.it - buf["born"][i]
 
-    def _push(self, buf, z, t, y):
-        """Append states to the FIFO ring (the oldest are overwritten)."""
+    @staticmethod
+    def _live(buf):
+        """Indices of the live trajectories in the ring, oldest first."""
+        if buf["y"] is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (buf["ptr"] - buf["n"] + torch.arange(buf["n"], device=buf["y"].device)) % len(buf["y"])
+
+    def _push(self, buf, z, y, C):
+        """Append trajectories z [B, K, ...] (B <= C) to the FIFO ring; the oldest are overwritten."""
         if buf["z"] is None:
-            N = self.buffer_size
-            buf.update(z=z.new_zeros(N, *z.shape[1:], dtype=torch.float16), t=t.new_zeros(N), y=y.new_zeros(N))
-        z, t, y = z[-self.buffer_size:], t[-self.buffer_size:], y[-self.buffer_size:]
-        idx = (buf["ptr"] + torch.arange(len(z), device=z.device)) % self.buffer_size
-        buf["z"][idx], buf["t"][idx], buf["y"][idx] = z.half(), t, y
-        buf["ptr"] = (buf["ptr"] + len(z)) % self.buffer_size
-        buf["n"] = min(self.buffer_size, buf["n"] + len(z))
+            buf.update(z=z.new_zeros(C, *z.shape[1:], dtype=torch.float16), y=y.new_zeros(C),
+                       born=y.new_zeros(C, dtype=torch.long))
+        idx = (buf["ptr"] + torch.arange(len(z), device=z.device)) % C
+        buf["z"][idx], buf["y"][idx], buf["born"][idx] = z.half(), y, self.it
+        buf["ptr"] = (buf["ptr"] + len(z)) % C
+        buf["n"] = min(C, buf["n"] + len(z))
 
     def state_dict(self):
-        """The buffers, only their filled slots (a half-empty 4096-state buffer costs half the bytes)."""
-        return {name: None if b is None else {**b, **{k: None if b[k] is None else b[k][:b["n"]] for k in "zty"}}
-                for name, b in self.buffers.items()}
+        """The draw count and the buffers' live trajectories, oldest first (a half-empty buffer costs
+        half the bytes)."""
+        buffers = {}
+        for name, b in self.buffers.items():
+            live = None if b is None or b["z"] is None else self._live(b)
+            buffers[name] = None if b is None else {
+                **b, **{k: None if live is None else b[k][live.to(b[k].device)] for k in ("z", "y", "born")}}
+        return {"it": self.it, "buffers": buffers}
 
     def load_state_dict(self, state):
         self.reset()
-        for name, b in state.items():
+        self.it = state["it"]
+        for name, b in state["buffers"].items():
             if b is None:
                 continue
-            buf = self.buffers[name] = dict(b, z=None, t=None, y=None)
+            buf = self.buffers[name] = dict(b, z=None, y=None, born=None, ptr=0, n=0)
             if b["z"] is not None:
-                N = self.buffer_size
-                buf.update(z=b["z"].new_zeros(N, *b["z"].shape[1:]), t=b["t"].new_zeros(N), y=b["y"].new_zeros(N))
-                buf["z"][:b["n"]], buf["t"][:b["n"]], buf["y"][:b["n"]] = b["z"], b["t"], b["y"]
+                C = max(1, self.buffer_size // b["K"])
+                self._push(buf, b["z"], b["y"], C)
+                buf["born"][:b["n"]] = b["born"]
 
 
 class SourceStats:
@@ -482,24 +539,17 @@ def load_teacher(path, device):
     return net.eval().requires_grad_(False), ckpt
 
 
-def resolve_teacher(args):
-    """--teacher PATH, or --teacher auto: the default teacher run of this preset and dataset,
-    trained (or resumed) by teacher.py when it is missing or unfinished."""
+def teacher_checkpoint(args):
+    """--teacher PATH checked, or for --teacher auto the default teacher run's checkpoint path
+    (runs/teacher-<preset>[-<data>]-s0/ckpt.pt, what `python teacher.py --preset P` writes) and whether
+    that run has finished. The method scripts train a missing one with teacher.py (`ensure_teacher`)."""
     if args.teacher != "auto":
         if not os.path.isfile(args.teacher):
             raise UserError(f"--teacher {args.teacher}: no such checkpoint (train one with teacher.py, or --teacher auto)")
-        args.teacher_path = args.teacher
-        return args.teacher
-    import teacher   # the teacher script trains and caches it; imported here to keep it optional
-    out = default_run_dir("teacher", args, seed=0)      # what `python teacher.py --preset P` writes
-    path = os.path.join(out, "ckpt.pt")
+        return args.teacher, True
+    path = os.path.join(default_run_dir("teacher", args, seed=0), "ckpt.pt")
     ckpt = load_checkpoint(path) if os.path.isfile(path) else None
-    if ckpt is None or ckpt["step"] < ckpt["config"]["iters"]:
-        print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py")
-        if teacher.main(teacher.auto_argv(args, out)) is None:
-            raise UserError("teacher training was stopped; rerun to resume it")
-    args.teacher_path = path          # recorded in the run's checkpoint config (eval, ablate read it)
-    return path
+    return path, ckpt is not None and ckpt["step"] >= ckpt["config"]["iters"]
 
 
 def optimizer(params, lr, device, betas=(0.9, 0.999), weight_decay=0.0):
@@ -594,29 +644,28 @@ class GracefulStop:
 
 # --- The end of every training step, and of every run (shared by the four training scripts) ---
 
-def end_of_step(args, step, save, stop):
-    """Checkpoint every --save-every steps, at the last step and on a stop request; evaluate every
-    --eval-every steps (metrics.json). Returns True when the loop must stop (Ctrl-C / SIGTERM)."""
-    evaluate = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples)
-    if step % args.save_every == 0 or step == args.iters or stop.requested or evaluate:
-        save()                                   # evaluate_run reads the checkpoint
-    if evaluate:
-        import eval as evaluation
-        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+def end_of_step(args, step, save, stop, evaluate):
+    """Checkpoint every --save-every steps, at the last step and on a stop request; call evaluate()
+    (the script's metrics.json writer) every --eval-every steps. Returns True when the loop must stop
+    (Ctrl-C / SIGTERM)."""
+    due = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples)
+    if step % args.save_every == 0 or step == args.iters or stop.requested or due:
+        save()                                   # the evaluation reads the checkpoint
+    if due:
+        evaluate()
     if stop.requested:
         print(f"stopped at step {step}; rerun the same command to resume")
     return stop.requested
 
 
-def finish(args, ckpt_path, make_generator):
-    """samples.png (class-by-seed grid) and, with --eval-samples, metrics.json of a finished run.
-    make_generator(ckpt, device) -> generate(noise, labels, renoise)."""
+def finish(args, ckpt_path, make_generator, evaluate):
+    """samples.png (class-by-seed grid) and, with --eval-samples, evaluate() (metrics.json) of a
+    finished run. make_generator(ckpt, device) -> generate(noise, labels, renoise)."""
     ckpt = load_checkpoint(ckpt_path, args.device)
     with autocast(args):
         class_grid(make_generator(ckpt, args.device), args.device, os.path.join(args.out, "samples.png"))
     if args.eval_samples:
-        import eval as evaluation
-        evaluation.evaluate_run(args.out, args.eval_samples, args.device)
+        evaluate()
     print(f"done: {ckpt_path}")
     return ckpt_path
 
@@ -824,18 +873,34 @@ def add_ddil_args(p, critic=False):
     g.add_argument("--rollout-chunk", type=_positive_int, default=None,
                    help="whole trajectories per buffer refill, each giving a state at every grid time "
                         "(default 4 with --preset smoke, 256 with cifar10: large batches keep a GPU busy)")
+    g.add_argument("--max-age", type=_count, default=None,
+                   help="maximum age, in training iterations, of the student backward states served from the "
+                        "replay buffer (DAgger trains on the current policy's states); older ones are dropped "
+                        "and refills made small enough to keep the buffer filled; 0 = no bound "
+                        "(preset: smoke 20, cifar10 100)")
     g.add_argument("--teacher-rollout-steps", type=_positive_int, default=32,
-                   help="teacher DDIM steps per unit time in backward rollouts (a grid containing the student's)")
+                   help="teacher DDIM steps per unit time in backward rollouts, and never fewer than twice the "
+                        "student's steps (a grid containing the student's, finer than it)")
     g.add_argument("--ddil", action="store_true",
                    help="the project's default DDIL mixture (our choice): (β_frwd, β_teach, β_student) = "
                         "(0.5, 0.1, 0.4), linear schedule from (1, 0, 0) over the first 30%% of training, buffer "
                         "4096 per source refreshed 25%% per iteration; explicit flags override any part")
     g = p.add_argument_group("thresholding of x̂_0 (reflected diffusion)")
     g.add_argument("--reflected", action="store_true", help="turn on every thresholding flag of this method")
-    g.add_argument("--threshold-teacher", action="store_true", help="threshold the teacher's x̂_0")
-    g.add_argument("--threshold-student", action="store_true", help="threshold the student's target and output x̂_0")
+    g.add_argument("--threshold-teacher", action="store_true",
+                   help="threshold the teacher's x̂_0" + (" (the real score; without --threshold-critic this moves "
+                                                          "DMD's fixed point: identical scores give an inward gradient)"
+                                                          if critic else ""))
+    g.add_argument("--threshold-student", action="store_true",
+                   help="threshold the student's training target / output x̂_0 (implies --sample-clip)")
+    g.add_argument("--sample-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp the student's x̂_0 to [-1, 1] at every step of its sampler, at inference and in "
+                        "its DDIL rollouts, without touching training targets (default: the method's official "
+                        "default: on for PD, as Google's CIFAR-10 eval_clip_denoised; off for LCM and DMD2)")
     if critic:
-        g.add_argument("--threshold-critic", action="store_true", help="threshold the fake-score critic's x̂_0")
+        g.add_argument("--threshold-critic", action="store_true",
+                       help="threshold the fake-score critic's x̂_0 (without --threshold-teacher this moves DMD's "
+                            "fixed point: identical scores give an outward gradient; both together are consistent)")
     g.add_argument("--threshold-mode", choices=["static", "dynamic"], default="static",
                    help="static: clamp to [-1, 1]; dynamic: Imagen percentile thresholding")
     g.add_argument("--threshold-percentile", type=_fraction, default=0.995,
@@ -848,9 +913,10 @@ _NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "data_
                  "log_every", "save_every", "eval_every", "eval_samples", "iters"}
 
 
-def resolve(p, args, method, presets, default_source=None):
+def resolve(p, args, method, presets, default_source=None, sample_clip=False):
     """Fill preset values, expand --ddil / --reflected, validate, name the run directory.
-    presets: {'smoke': {dest: value}, 'cifar10': {...}} for every flag whose default is None."""
+    presets: {'smoke': {dest: value}, 'cifar10': {...}} for every flag whose default is None.
+    default_source / sample_clip: the method's own baseline source and sampling-time clipping."""
     settings = [a for a in p._actions if a.dest not in _NOT_SETTINGS and a.dest != "help"
                 and getattr(args, a.dest) != a.default]
     name = "-".join(a.dest if a.const is True else f"{a.dest}={_compact(getattr(args, a.dest))}" for a in settings)
@@ -868,7 +934,7 @@ def resolve(p, args, method, presets, default_source=None):
     if args.data_dir:
         args.dataset = "folder"
     if hasattr(args, "ddil"):
-        _resolve_ddil(args, default_source)
+        _resolve_ddil(args, default_source, sample_clip)
     if args.out is None:
         args.out = default_run_dir(method, args, name)
     return args
@@ -886,7 +952,11 @@ def _compact(v):
     return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v))
 
 
-def _resolve_ddil(args, default_source):
+# Preset values of the DDIL flags that every method shares (each script holds its other preset values).
+DDIL_PRESETS = {"smoke": dict(rollout_chunk=4, max_age=20), "cifar10": dict(rollout_chunk=256, max_age=100)}
+
+
+def _resolve_ddil(args, default_source, sample_clip):
     if args.ddil:   # DESIGN §4 defaults; any explicit flag wins
         for k, v in (("beta_fwd", 0.5), ("beta_teacher", 0.1), ("beta_student", 0.4)):
             if getattr(args, k) is None:
@@ -904,11 +974,17 @@ def _resolve_ddil(args, default_source):
     args.prior_warmup = 0.3 if args.prior_warmup is None else args.prior_warmup
     args.buffer_size = 0 if args.buffer_size is None else args.buffer_size
     args.buffer_refresh = 0.25 if args.buffer_refresh is None else args.buffer_refresh
-    args.rollout_chunk = args.rollout_chunk or (256 if args.preset == "cifar10" else 4)
+    for k, v in DDIL_PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.reflected:
         for k in ("threshold_teacher", "threshold_student", "threshold_critic"):
             if hasattr(args, k):
                 setattr(args, k, True)
+    if args.threshold_student and args.sample_clip is False:
+        raise UserError("--no-sample-clip contradicts --threshold-student / --reflected, which clip the student's "
+                        "x̂_0 at every sampling step too")
+    args.sample_clip = args.threshold_student or (sample_clip if args.sample_clip is None else args.sample_clip)
 
 
 def clip_spec(args, on):
@@ -920,7 +996,7 @@ def make_sampler(args, data):
     """The DDIL input sampler configured from the resolved flags."""
     return DDILSampler(data, args.priors, args.prior_start, args.prior_schedule, args.prior_warmup,
                        args.buffer_size, args.buffer_refresh, args.expert_prob, args.teacher_rollout_steps,
-                       args.rollout_chunk)
+                       args.rollout_chunk, args.max_age)
 
 
 def dry_run(args):

@@ -21,8 +21,21 @@ non-saturating softplus losses. No regression loss (DMD2 removes it).
 Generator inputs z_τ come from the DDIL mixture (DESIGN §4). With no beta flag: DMD2's own backward
 simulation of its multi-step generator (G's K-step sampler run under no_grad for j ~ U{0..K-1}
 steps, fresh noise at every re-noising; pure noise when K = 1); --beta-fwd adds forward-diffused
-data at the τ_k, --beta-teacher teacher DDIM rollouts. Thresholding (reflected diffusion): --threshold-teacher clips
-x̂_0,real, --threshold-critic x̂_0,fake, --threshold-student G's output; --reflected all three.
+data at the τ_k, --beta-teacher teacher DDIM rollouts.
+
+Thresholding (reflected diffusion): --threshold-teacher clips x̂_0,real, --threshold-critic x̂_0,fake,
+--threshold-student G's output (a straight-through clamp: the clipped value goes forward, the gradient
+passes, so a pixel past ±1 is still pulled back; and G's sampler, --sample-clip); --reflected all three.
+Clipping ONE of the two scores moves DMD's fixed point: with identical real and fake scores whose x̂_0
+leaves [-1, 1], grad = 0 with no clipping or with both clipped, but teacher-only clipping pulls x inward
+and critic-only clipping pushes it outward (test_ddil.py measures both). The threshold study keeps those
+rows, and adds the consistent one, teacher+critic.
+
+Defaults versus the official recipe: this script's default DMD2 has no GAN term (--gan-weight 0) and a
+CFG-guided real score (--guidance, 1.5 at every preset), the text-to-image recipe; DMD2's official
+class-conditional (ImageNet) recipe has a GAN term (3e-3) and no CFG (--guidance 1). The log carries the
+DM and GAN gradient norms at x (dm_grad_norm, gan_grad_norm): DMD2's authors set the GAN weight by
+matching them.
 
     python ddil_dmd2.py --preset smoke                                 # baseline DMD2 (CPU, minutes)
     python ddil_dmd2.py --preset smoke --beta-fwd --threshold-teacher  # forward inputs, clipped teacher
@@ -42,7 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import eval as evaluation
 from common import alpha_sigma
+from teacher import ensure_teacher
 
 # Preset values of every flag whose default is None (our choices, not tuned). A cifar10 iteration is
 # 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs, ~56 TFLOP with the baseline's
@@ -71,13 +86,14 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=10.0,
                    help="clip each network's gradient to this global L2 norm (DMD2's max_grad_norm); 0 = off")
     g.add_argument("--gan-weight", type=float, default=0.0,
-                   help="λ_GAN of the generator's GAN loss softplus(-D(x)) (DMD2's ImageNet run: 3e-3); "
-                        "0 = no GAN head")
+                   help="λ_GAN of the generator's GAN loss softplus(-D(x)); 0 = no GAN head. Our default (no GAN, "
+                        "CFG real score) is DMD2's text-to-image recipe; its class-conditional ImageNet recipe is "
+                        "--gan-weight 3e-3 --guidance 1. Match dm_grad_norm and gan_grad_norm in the log to set it")
     g.add_argument("--gan-critic-weight", type=float, default=1e-2,
                    help="weight of the head's loss softplus(-D(real)) + softplus(D(fake)) in the critic's loss "
                         "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
     args = p.parse_args(argv)
-    common.resolve(p, args, "dmd2", PRESETS, default_source="student")
+    common.resolve(p, args, "dmd2", PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
     if not 0.0 <= args.min_t < args.max_t <= 1.0:
         raise common.UserError(f"--min-t {args.min_t} / --max-t {args.max_t}: need 0 <= min-t < max-t <= 1")
     if args.lr <= 0 or args.lr_critic <= 0:
@@ -108,6 +124,13 @@ def distribution_matching_loss(x, y, teacher, critic, guidance, t_min, t_max, cl
     # mean over C, H, W here and the batch mean at the call site make that N.
     loss = 0.5 * (x - (x - grad).detach()).square().mean(dim=(1, 2, 3))
     return loss, dict(grad=grad, x0_real=x0_real, x0_fake=x0_fake, clip=common.out_of_range(x0_real_raw))
+
+
+def straight_through(x, clip):
+    """threshold(x) in the forward pass, the identity in the backward pass (--threshold-student on G's
+    output): a hard clamp would give a pixel past ±1 exactly zero DM / GAN gradient, so it would never be
+    pulled back into range."""
+    return x + (common.threshold(x.detach(), *clip) - x.detach())
 
 
 def critic_loss(critic, x, y):
@@ -164,14 +187,14 @@ def ddil_batch(sampler, n, progress, steps, student_fn, teacher_fn):
 # --- Sampling (samples.png and eval.py) ---
 
 def make_student(ckpt, device):
-    """(x0_fn, times, stochastic): x0_fn = G of nets["ema"] with the run's student thresholding, the
-    grid τ_0..τ_{K-1}, 0, and re-noising with fresh noise between steps (stochastic)."""
+    """(x0_fn, times, stochastic): x0_fn = G of nets["ema"] with the run's sampling-time clipping
+    (--sample-clip), the grid τ_0..τ_{K-1}, 0, and re-noising with fresh noise between steps (stochastic)."""
     config = argparse.Namespace(**ckpt["config"])
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
-    clip_student = common.clip_spec(config, config.threshold_student)
-    return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_student)), student_grid(config.steps) + [0.0], True
+    clip_sample = common.clip_spec(config, config.sample_clip)
+    return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_sample)), student_grid(config.steps) + [0.0], True
 
 
 def make_generator(ckpt, device):
@@ -184,7 +207,7 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
-    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
+    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "dmd2")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
@@ -217,7 +240,7 @@ def train(args):
     G, mu_fake, mu_real = (common.maybe_compile(net, args) for net in (student, critic, teacher))
 
     # Student rollouts use the online G: DAgger's "current policy", and DMD2's backward simulation.
-    student_fn = lambda z, t, y: common.denoise(G, z, t, y, 1.0, clip=clip_student)
+    student_fn = lambda z, t, y: common.denoise(G, z, t, y, 1.0, clip=common.clip_spec(args, args.sample_clip))
     teacher_fn = lambda z, t, y: common.denoise(mu_real, z, t, y, args.guidance, clip=clip_teacher)
 
     def save():
@@ -229,6 +252,7 @@ def train(args):
             opts=dict(student=opt_g.state_dict(), critic=opt_c.state_dict()),
             rng=common.rng_state(), sampler=sampler.state_dict()))
 
+    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
     log = common.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
     B, n_fake = args.batch_size, args.fake_updates
@@ -272,7 +296,7 @@ def train(args):
             # Generator G: distribution matching (+ GAN) on the first B inputs.
             x_t, t, y = b["x_t"][:B], b["t"][:B], b["y"][:B]
             with common.autocast(args):
-                x = common.denoise(G, x_t, t, y, 1.0, clip=clip_student)   # [B, 3, 32, 32], about [-1, 1]
+                x = straight_through(common.denoise(G, x_t, t, y, 1.0), clip_student)   # [B, 3, 32, 32]
                 loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
                                                             args.max_t, clip_teacher, clip_critic)
                 loss = loss_dm.mean()
@@ -280,23 +304,25 @@ def train(args):
                     critic.requires_grad_(False), head.requires_grad_(False)
                     loss_gan = F.softplus(-realism_logit(mu_fake, head, x, y)).mean()
                     critic.requires_grad_(True), head.requires_grad_(True)
-                    log.add(gan_loss=loss_gan)
+                    log.add(gan_loss=loss_gan, gan_grad_norm=torch.autograd.grad(
+                        args.gan_weight * loss_gan, x, retain_graph=True)[0].norm())
                     loss = loss + args.gan_weight * loss_gan
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             log.add(grad_norm=torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm))
             opt_g.step()
             common.ema_update(ema, student, args.ema, step)
-            log.add(loss=loss, clip_pct=100 * extra["clip"])
+            # ∂(mean DM loss)/∂x = grad / (B C H W) (see distribution_matching_loss): its norm, no extra backward
+            log.add(loss=loss, clip_pct=100 * extra["clip"], dm_grad_norm=extra["grad"].norm() / x.numel())
             stats.add(loss_dm, b["source"][:B])
             step += 1
 
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, **stats.summary("loss"), lr=opt_g.param_groups[0]["lr"],
+                log.write(step, **stats.summary("loss"), **sampler.log_stats(), lr=opt_g.param_groups[0]["lr"],
                           lr_critic=opt_c.param_groups[0]["lr"])
-            if common.end_of_step(args, step, save, stop):
+            if common.end_of_step(args, step, save, stop, evaluate):
                 return None
-    return common.finish(args, ckpt_path, make_generator)
+    return common.finish(args, ckpt_path, make_generator, evaluate)
 
 
 def main(argv=None):

@@ -15,6 +15,11 @@ distillation"), run here in pixel space, on the consistency models of Song et al
                  d = pseudo-Huber sqrt(‖Δ‖² + c²) − c over the image (iCT), or the per-pixel mean of Δ²
     sampling     x̂_0 = f_θ(z_{τ_i}, τ_i);  z_{τ_{i+1}} = α_{τ_{i+1}} x̂_0 + σ_{τ_{i+1}} ε_fresh       (CM Alg. 1)
 
+Thresholding: --threshold-teacher clips the teacher's guided x̂_0 before its DDIM step; --threshold-student
+clips the target f_θ⁻ (and implies --sample-clip); --sample-clip clamps f_θ at every step of the multistep
+sampler, in DDIL rollouts and at inference (off by default, as diffusers' LCMScheduler). Gradients are
+clipped at norm 1 (--grad-clip, as diffusers' LCM distillation script).
+
 Departures from LCM, all deliberate: pixel space (no VAE); one fixed guidance w = --guidance instead
 of LCM's ω ~ U[2, 14] with a w-embedding (the student bakes the teacher's CFG in and samples with
 w = 1); continuous time t = t_discrete / 1000, so LCM's 1000-step timesteps map onto t_n = n / N.
@@ -34,7 +39,9 @@ import os
 import torch
 
 import common
+import eval as evaluation
 from common import _bc
+from teacher import ensure_teacher
 
 # Preset values of every flag whose default is None. cifar10: 20k iterations of 128, ~9.5 TFLOP each
 # (teacher CFG step, target and student forward, student backward): ~35 min on one H100 at 100 TFLOP/s
@@ -70,8 +77,10 @@ def parse_args(argv=None):
     g.add_argument("--timestep-scaling", type=float, default=10.0,
                    help="LCM's boundary scaling: c_skip, c_out are evaluated at s t with s = 1000 × this (LCM: 10)")
     g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm of θ (diffusers' LCM distillation script: max_grad_norm 1.0); 0 = off")
     args = p.parse_args(argv)
-    common.resolve(p, args, "lcm", PRESETS, default_source="fwd")
+    common.resolve(p, args, "lcm", PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
     N, k, K = args.solver_steps, args.skip, args.steps
     if K * k > N:
         raise common.UserError(f"--steps {K} × --skip {k} exceeds --solver-steps {N}: every sampling time must sit "
@@ -79,6 +88,8 @@ def parse_args(argv=None):
                                f"--solver-steps")
     if not args.huber_c > 0:
         raise common.UserError(f"--huber-c {args.huber_c}: c must be > 0 (c = 0 has no gradient at Δ = 0)")
+    if not args.grad_clip >= 0:
+        raise common.UserError(f"--grad-clip {args.grad_clip}: give a maximum gradient norm >= 0 (0 = off)")
     if not args.timestep_scaling > 0:
         raise common.UserError(f"--timestep-scaling {args.timestep_scaling}: must be > 0")
     return args
@@ -162,11 +173,12 @@ def step_loss(args, sampler, progress, student, target, teacher):
     which are skeleton times with index >= k (parse_args checks K k <= N), trained as z_{t_{n+k}}."""
     N, k = args.solver_steps, args.skip
     clip_teacher = common.clip_spec(args, args.threshold_teacher)
-    clip_student = common.clip_spec(args, args.threshold_student)
+    clip_student = common.clip_spec(args, args.threshold_student)           # the target f_θ⁻
+    clip_sample = common.clip_spec(args, args.sample_clip)                   # the student's sampler
     f_theta = lambda z, t, y: consistency_fn(student, z, t, y, args.timestep_scaling)
     f_target = lambda z, t, y: consistency_fn(target, z, t, y, args.timestep_scaling)
     # Rollouts use the ONLINE student θ: DAgger's current policy visits the states it is trained on next.
-    student_fn = lambda z, t, y: common.threshold(f_theta(z, t, y), *clip_student)
+    student_fn = lambda z, t, y: common.threshold(f_theta(z, t, y), *clip_sample)
     teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, args.guidance, clip=clip_teacher)
     with torch.no_grad(), common.autocast(args):
         b = sampler.draw(args.batch_size, progress=progress, fwd_times=torch.arange(k, N + 1) / N,
@@ -187,12 +199,12 @@ def step_loss(args, sampler, progress, student, target, teacher):
 
 def make_student(ckpt, device):
     """(x0_fn, times, stochastic): x0_fn(z, t, y) = f_θ(z, t) of nets['ema'] with the run's scalings and
-    student thresholding, the K-step schedule, and re-noising with fresh noise (stochastic)."""
+    sampling-time clipping (--sample-clip), the K-step schedule, and re-noising with fresh noise (stochastic)."""
     cfg = ckpt["config"]
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
-    clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
+    clip = (cfg["threshold_mode"] if cfg["sample_clip"] else None, cfg["threshold_percentile"])
     times = sampling_times(cfg["solver_steps"], cfg["steps"])
     return (lambda z, t, y: common.threshold(consistency_fn(net, z, t, y, cfg["timestep_scaling"]), *clip)), times, True
 
@@ -207,7 +219,7 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
-    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
+    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "lcm")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
@@ -242,6 +254,7 @@ def train(args):
             step=step, config=vars(args), unet=unet_config, nets={n: net.state_dict() for n, net in nets.items()},
             opts=dict(student=opt.state_dict()), rng=common.rng_state(), sampler=sampler.state_dict()))
 
+    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
     log = common.RunLog(args.out, args.iters, step)
     per_source = common.SourceStats(device)
     with common.GracefulStop() as stop:
@@ -252,17 +265,19 @@ def train(args):
             loss, stats, source = step_loss(args, sampler, step / args.iters, model, target_model, teacher_model)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
             opt.step()
             update_target(target, student, args.target_ema)
             common.ema_update(ema, student, args.ema, step)
             per_source.add(loss, source)
-            log.add(loss=loss.detach().mean(), clip_pct=100 * stats["clip"], clip_target_pct=100 * stats["clip_target"])
+            log.add(loss=loss.detach().mean(), clip_pct=100 * stats["clip"], clip_target_pct=100 * stats["clip_target"],
+                    grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, **per_source.summary("loss"), lr=lr)
-            if common.end_of_step(args, step, save, stop):
+                log.write(step, **per_source.summary("loss"), **sampler.log_stats(), lr=lr)
+            if common.end_of_step(args, step, save, stop, evaluate):
                 return None
-    return common.finish(args, ckpt_path, make_generator)
+    return common.finish(args, ckpt_path, make_generator, evaluate)
 
 
 def main(argv=None):

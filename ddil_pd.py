@@ -20,6 +20,11 @@ Round 1's teacher is the CFG-guided original teacher, so guidance is baked into 
 The DDIL prior schedule (--prior-schedule, --prior-warmup) restarts in every round (progress is the
 position within the round) and the replay buffer is emptied between rounds: both belong to one grid.
 
+Thresholding: --threshold-teacher clips the round teacher's x̂_0 in both half-steps; --threshold-student
+clips the target x̃ (and implies --sample-clip); --sample-clip clamps the student's x̂_0 at every step of
+its sampler, in DDIL rollouts and at inference. It is on by default, as in the official PD (Google's
+CIFAR-10 config, eval_clip_denoised=True), so the baseline row samples with clipping as theirs does.
+
     python ddil_pd.py --preset smoke                            # baseline PD (forward inputs only)
     python ddil_pd.py --preset smoke --ddil --reflected         # + DDIL mixture + thresholding
     python ddil_pd.py --preset cifar10 --ddil --data-dir ../shared/data/cifar10-jpeg-train.zip
@@ -35,7 +40,9 @@ import os
 import torch
 
 import common
+import eval as evaluation
 from common import alpha_sigma, ddim_step, threshold
+from teacher import ensure_teacher
 
 # Preset values of every flag whose default is None.
 # smoke: rounds 16 -> 8 -> 4 (two rounds of 40 iterations), about a minute on a 2-core CPU.
@@ -69,7 +76,7 @@ def parse_args(argv=None):
                         "anneals linearly to 0 by the round's end (Google's PD configs) (preset)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of θ (0 = off)")
     args = p.parse_args(argv)
-    common.resolve(p, args, "pd", PRESETS, default_source="fwd")
+    common.resolve(p, args, "pd", PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
     ratio = args.start_steps // args.steps
     if args.start_steps % args.steps or ratio < 2 or ratio & (ratio - 1):
         raise common.UserError(f"--start-steps {args.start_steps} / --steps {args.steps} must be a power of two "
@@ -132,7 +139,7 @@ def pd_target(teacher_fn, z_t, t, y, n, clip=(None, 0.995)):
 def pd_loss(student, teacher_fn, z_t, t, y, n, teacher_clip, student_clip):
     """Per-example max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖² (mean over pixels) [B], and the raw teacher x̂_0.
     The student's x̂_0 is not thresholded here (a clamp would zero its gradient); --threshold-student
-    clips the target x̃ instead, and the student's x̂_0 in rollouts and samples."""
+    clips the target x̃ instead (and, through --sample-clip, the student's x̂_0 in rollouts and samples)."""
     with torch.no_grad():
         x_tilde, x0_teacher = pd_target(teacher_fn, z_t, t, y, n, teacher_clip)
         x_tilde = threshold(x_tilde, *student_clip)
@@ -146,13 +153,14 @@ def pd_loss(student, teacher_fn, z_t, t, y, n, teacher_clip, student_clip):
 
 def make_student(ckpt, device):
     """(x0_fn, times, stochastic) of the run's K-step sampler: x0_fn(z, t, y) -> the EMA student's x̂_0
-    with the run's student thresholding, on the K-step grid, DDIM (not stochastic). A checkpoint from an
-    earlier round is sampled with K steps too, i.e. before the student was trained for them."""
+    with the run's sampling-time clipping (--sample-clip: on by default, as the official PD), on the
+    K-step grid, DDIM (not stochastic). A checkpoint from an earlier round is sampled with K steps too,
+    i.e. before the student was trained for them."""
     cfg = ckpt["config"]
     net = common.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
-    clip = (cfg["threshold_mode"] if cfg["threshold_student"] else None, cfg["threshold_percentile"])
+    clip = (cfg["threshold_mode"] if cfg["sample_clip"] else None, cfg["threshold_percentile"])
     times, _ = grid(cfg["steps"])
     return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip)), times, False
 
@@ -166,7 +174,7 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
-    teacher_path = common.resolve_teacher(args)     # first: --teacher auto may train it (and reseed)
+    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     ckpt_path = common.prepare_run(args, "pd")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
@@ -179,7 +187,8 @@ def train(args):
     opt = common.optimizer(student.parameters(), args.lr, device)
     sampler = common.make_sampler(args, data)
     teacher_clip = common.clip_spec(args, args.threshold_teacher)
-    student_clip = common.clip_spec(args, args.threshold_student)
+    student_clip = common.clip_spec(args, args.threshold_student)      # the target x̃
+    sample_clip = common.clip_spec(args, args.sample_clip)              # the student's sampler (and rollouts)
     # Round 1's teacher is the original teacher with CFG; later rounds' teacher is a frozen copy of the
     # previous round's student, whose guidance is baked in (w = 1). Alg. 2 writes η ← θ; like Google's
     # code (which distils from the previous stage's EMA params) we copy the EMA, the net we sample with.
@@ -215,8 +224,9 @@ def train(args):
     # the round teacher's two half-steps (DAgger: the expert labels the states the learner visits).
     # Student rollouts use the online student θ, DAgger's "current policy".
     teacher_fn = lambda z, t, y: common.denoise(teacher_model, z, t, y, args.guidance, clip=teacher_clip)
-    student_fn = lambda z, t, y: common.denoise(model, z, t, y, 1.0, clip=student_clip)
+    student_fn = lambda z, t, y: common.denoise(model, z, t, y, 1.0, clip=sample_clip)
 
+    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
     log = common.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
     with common.GracefulStop() as stop:
@@ -256,10 +266,11 @@ def train(args):
             log.add(loss=loss, clip_pct=100 * common.out_of_range(x0_teacher), grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, **stats.summary("loss"), round=rnd + 1, n=n, lr=opt.param_groups[0]["lr"])
-            if common.end_of_step(args, step, save, stop):
+                log.write(step, **stats.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,
+                          lr=opt.param_groups[0]["lr"])
+            if common.end_of_step(args, step, save, stop, evaluate):
                 return None
-    return common.finish(args, ckpt_path, make_generator)
+    return common.finish(args, ckpt_path, make_generator, evaluate)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ import os
 import torch
 
 import common
+import eval as evaluation
 from common import NULL_CLASS, alpha_sigma
 
 # Preset values of every flag whose default is None. cifar10 is sized for about an hour on one H100
@@ -68,6 +69,19 @@ def auto_argv(args, out):
     argv = ["--preset", args.preset, "--device", args.device, "--out", out, "--amp", args.amp]
     argv += ["--data-dir", args.data_dir] if args.data_dir else ["--dataset", args.dataset]
     return argv + (["--compile"] if args.compile else [])
+
+
+def ensure_teacher(args):
+    """The teacher checkpoint of a method script's resolved args: --teacher PATH, or for --teacher auto
+    the default teacher run of this preset and dataset, trained (or resumed) here when it is missing
+    or unfinished. Sets args.teacher_path (recorded in the run's config; eval and ablate read it)."""
+    path, finished = common.teacher_checkpoint(args)
+    if not finished:
+        print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py", flush=True)
+        if main(auto_argv(args, os.path.dirname(path))) is None:
+            raise common.UserError("teacher training was stopped; rerun to resume it")
+    args.teacher_path = path
+    return path
 
 
 # --- Loss: v-prediction with label dropout ---
@@ -126,6 +140,7 @@ def train(args):
             step=step, config=vars(args), unet=unet_config, nets=dict(model=net.state_dict(), ema=ema.state_dict()),
             opts=dict(model=opt.state_dict()), rng=common.rng_state()))
 
+    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
     log = common.RunLog(args.out, args.iters, step)
     with common.GracefulStop() as stop:
         while step < args.iters:
@@ -144,9 +159,10 @@ def train(args):
             step += 1
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, lr=opt.param_groups[0]["lr"])
-            if common.end_of_step(args, step, save, stop):
+            if common.end_of_step(args, step, save, stop, evaluate):
                 return None
-    return common.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps))
+    return common.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps),
+                         evaluate)
 
 
 def main(argv=None):

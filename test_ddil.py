@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import common
+import ablate
 import ddil_dmd2
 import ddil_lcm as lcm
 import ddil_pd
@@ -240,20 +241,19 @@ def test_replay_buffer_refresh_rate_fifo_and_state_dict():
     draw = lambda s: s.draw(40, 1.0, torch.tensor([0.5]), times, counting, counting)
     b = draw(sampler)
     buf = sampler.buffers["student"]
-    assert buf["n"] == 40 and calls == [20]          # empty buffer: 20 whole trajectories fill it
+    assert buf["n"] == 20 and calls == [20]          # empty buffer: 20 whole trajectories (40 states) fill it
     assert sorted(set(b["t"].tolist())) == [0.5, 1.0] and buf["z"].dtype == torch.float16
-    # Trajectory layout [t = 1 states of the 20 trajectories, then their t = 0.5 states]; with x̂_0 = 0 a
-    # DDIM step scales z by sigma_s / sigma_t: each trajectory's second state is its first, scaled.
+    # Trajectory-major layout [trajectory, grid time]; with x̂_0 = 0 a DDIM step scales z by sigma_s / sigma_t:
+    # each trajectory's second state is its first, scaled.
     ratio = float(alpha_sigma(0.5)[1] / alpha_sigma(1.0)[1])
-    torch.testing.assert_close(buf["z"][20:40].float(), ratio * buf["z"][:20].float(), atol=2e-3, rtol=2e-3)
-    assert buf["t"][:20].eq(1.0).all() and buf["t"][20:40].eq(0.5).all()
+    torch.testing.assert_close(buf["z"][:20, 1].float(), ratio * buf["z"][:20, 0].float(), atol=2e-3, rtol=2e-3)
     for _ in range(7):
         draw(sampler)
-    # On average refresh * m = 10 fresh states per draw, in chunks of 2 trajectories x 2 states.
-    pushed = 2 * sum(calls)
-    assert abs(pushed - (40 + 7 * 10)) <= 4 and buf["n"] == min(100, pushed) and buf["ptr"] == pushed % 100
+    # On average refresh * m = 10 fresh states (5 trajectories) per draw, in chunks of 2 trajectories.
+    pushed = sum(calls)
+    assert abs(pushed - (20 + 7 * 5)) <= 2 and buf["n"] == min(50, pushed) and buf["ptr"] == pushed % 50
     state = sampler.state_dict()
-    assert len(state["student"]["z"]) == buf["n"] and state["teacher"] is None       # only filled slots saved
+    assert len(state["buffers"]["student"]["z"]) == buf["n"] and state["buffers"]["teacher"] is None
     other = common.DDILSampler(_Data(), [0, 0, 1], buffer_size=100, refresh=0.25, chunk=2)
     other.load_state_dict(state)
     rng = torch.get_rng_state()
@@ -264,6 +264,93 @@ def test_replay_buffer_refresh_rate_fifo_and_state_dict():
     fresh = common.DDILSampler(_Data(), [0, 0, 1], buffer_size=0)
     draw(fresh)
     assert fresh.buffers["student"] is None                     # size 0: nothing kept
+
+
+def test_replay_buffer_serves_every_grid_time_whatever_the_chunk():
+    # K = 8 grid times, room for 16 states, refills of 4 trajectories (32 states > 16): a time-major FIFO
+    # kept only the low-noise half of each refill. Whole trajectories keep every grid time.
+    torch.manual_seed(0)
+    times = torch.linspace(1, 0, 9).tolist()
+    ident = lambda z, t, y: torch.zeros_like(z)
+    for source, priors in (("student", [0, 0, 1]), ("teacher", [0, 1, 0])):
+        sampler = common.DDILSampler(_Data(), priors, buffer_size=16, refresh=1.0, chunk=4)
+        served = set()
+        for _ in range(20):
+            served |= set(sampler.draw(8, 1.0, torch.tensor([0.5]), times, ident, ident)["t"].tolist())
+        assert served == set(times[:8]), (source, sorted(served))
+        assert sampler.buffers[source]["n"] == 2                   # 16 // 8 trajectories
+
+
+class _Clock:
+    """Data stand-in whose labels are the current training iteration: a buffered state's label is the
+    iteration it was rolled out at, so its age when served is (iteration now - label)."""
+
+    def __init__(self):
+        self.now = 0
+
+    def batch(self, n, hflip=False):
+        return torch.zeros(n, 3, 32, 32), torch.full((n,), self.now)
+
+
+def test_replay_buffer_bounds_and_logs_the_age_of_student_states():
+    torch.manual_seed(0)
+    clock, calls = _Clock(), []
+    counting = lambda z, t, y: (calls.append(len(z)), torch.zeros_like(z))[1]
+    times = [1.0, 0.75, 0.5, 0.25, 0.0]                                  # K = 4
+    # Room for 256 trajectories but 0.25 * 16 / 4 = 1 trajectory earned per iteration: unbounded, the oldest
+    # state served would be ~256 iterations old. With --max-age 10 nothing older than 10 is served, and
+    # refills shrink to rate * max_age / 2 = 5 trajectories, so that the buffer never runs dry.
+    sampler = common.DDILSampler(clock, [0, 0, 1], buffer_size=1024, refresh=0.25, chunk=64, max_age=10)
+    worst, refills = 0, []
+    for it in range(200):
+        clock.now, before = it, len(calls)
+        b = sampler.draw(16, 1.0, torch.tensor([0.5]), times, counting, counting)
+        age = it - b["y"]                                                  # the clock's labels
+        worst = max(worst, int(age.max()))
+        log = sampler.log_stats()
+        assert log["age_max_student"] == int(age.max()) and log["age_mean_student"] == pytest.approx(float(age.float().mean()))
+        if len(calls) > before:
+            refills.append((it, calls[before]))                           # (iteration, trajectories rolled out)
+    assert worst <= 10
+    assert max(n for _, n in refills[1:]) <= 5                             # refills after the first fill shrink
+    fresh_states = 4 * sum(n for _, n in refills)                         # K states per trajectory
+    assert fresh_states <= 0.25 * 16 * 200 * 1.1 + 4 * 16                  # the refresh rate is kept, not raised
+    gaps = np.diff([it for it, _ in refills])
+    assert gaps.max() <= 10                                               # >= one refill per age window
+    unbounded = common.DDILSampler(clock, [0, 0, 1], buffer_size=1024, refresh=0.25, chunk=64)
+    for it in range(200):
+        clock.now = it
+        unbounded.draw(16, 1.0, torch.tensor([0.5]), times, counting, counting)
+    assert unbounded.log_stats()["age_max_student"] > 100                # what the bound prevents
+
+
+def test_pd_teacher_rollouts_are_finer_than_every_round_of_the_cifar10_preset():
+    # Round r's expert is the 2n-step sampler: at least two teacher DDIM steps per student step, on a grid
+    # containing the student's. With n = 32 in round 1, --teacher-rollout-steps 32 alone gave one.
+    args = ddil_pd.parse_args(["--preset", "cifar10", "--ddil", "--device", "cpu"])
+    assert args.teacher_rollout_steps == 32 and ddil_pd.student_steps(args, 0) == 32
+    for r in range(ddil_pd.num_rounds(args)):
+        n = ddil_pd.student_steps(args, r)
+        times, fwd_times = ddil_pd.grid(n)
+        sampler = common.make_sampler(args, _Data())
+        sampler.end = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)      # teacher states only
+        seen = []
+        teacher = lambda z, t, y: (seen.append(float(torch.as_tensor(t).flatten()[0])), torch.zeros_like(z))[1]
+        sampler.draw(1, 1.0, fwd_times, times, None, teacher)                 # fills: whole trajectories
+        for k in range(n - 1):                                               # every student step of the refill
+            inside = [t for t in seen if times[k + 1] + 1e-6 < t <= times[k] + 1e-6]
+            assert len(inside) >= 2, (r, n, k, inside)
+            assert any(abs(t - times[k]) < 1e-6 for t in inside)             # the grid contains the student's
+
+
+def test_common_is_the_bottom_layer():
+    # common.py imports no project module but unet (the scripts call the teacher and the evaluation).
+    import ast
+    project = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")}
+    tree = ast.parse(open(os.path.join(ROOT, "common.py")).read())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported & project == {"unet"}
 
 
 # --- Flags (DESIGN §4, §7) ---
@@ -384,14 +471,13 @@ def test_end_of_step_saves_once_and_evaluates_on_schedule(monkeypatch):
     # schedules), 14 (last), each once; evaluations at 6 and 12 (the last step's is the run's final one, in
     # finish()).
     saves, evals = [], []
-    monkeypatch.setattr(evaluation, "evaluate_run", lambda out, n, device: evals.append(n))
     args = argparse.Namespace(save_every=4, eval_every=6, eval_samples=50, iters=14, out="unused", device="cpu")
     stop = argparse.Namespace(requested=False)
     for step in range(1, 14):
-        assert not common.end_of_step(args, step, lambda: saves.append(step), stop)
+        assert not common.end_of_step(args, step, lambda: saves.append(step), stop, lambda: evals.append(step))
     stop.requested = True                                  # Ctrl-C: save at this step and stop
-    assert common.end_of_step(args, 14, lambda: saves.append(14), stop)
-    assert saves == [4, 6, 8, 12, 14] and evals == [50, 50]
+    assert common.end_of_step(args, 14, lambda: saves.append(14), stop, lambda: evals.append(14))
+    assert saves == [4, 6, 8, 12, 14] and evals == [6, 12]
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
@@ -543,6 +629,26 @@ def test_pd_teacher_thresholding_changes_only_out_of_range_targets(mode):
     assert torch.equal(in_range, y == 0)
     assert torch.equal(plain[in_range], clipped[in_range])
     assert all(not torch.equal(plain[i], clipped[i]) for i in (~in_range).nonzero().flatten())
+
+
+def test_sampling_clip_is_its_own_flag_and_each_baseline_is_the_official_default(teacher_ckpt):
+    # PD clips x̂_0 at every sampling step by default (Google's CIFAR-10 eval_clip_denoised), LCM and DMD2 do
+    # not; --sample-clip / --no-sample-clip set it without touching training targets; --threshold-student
+    # implies it, and contradicts --no-sample-clip.
+    _, ckpt = common.load_teacher(teacher_ckpt, "cpu")
+    state = {k: v.clone() for k, v in ckpt["nets"]["ema"].items()}
+    state["conv_out.bias"] += 5.0                                     # v ≈ 5 at t = 1: x̂_0 ≈ -5
+    z = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for module, official in ((ddil_pd, True), (lcm, False), (ddil_dmd2, False)):
+        for flags, clipped in (([], official), (["--sample-clip"], True), (["--no-sample-clip"], False),
+                               (["--threshold-student"], True)):
+            args = module.parse_args(["--preset", "smoke", "--teacher", teacher_ckpt, *flags])
+            assert args.sample_clip == clipped and args.threshold_student == ("--threshold-student" in flags)
+            x0_fn, times, _ = module.make_student(dict(config=vars(args), unet=ckpt["unet"], nets=dict(ema=state)), "cpu")
+            x0 = x0_fn(z, times[0], torch.zeros(4, dtype=torch.long))
+            assert (x0.abs().max() <= 1) == clipped, (module.__name__, flags)
+        with pytest.raises(common.UserError, match="--no-sample-clip"):
+            module.parse_args(["--preset", "smoke", "--threshold-student", "--no-sample-clip"])
 
 
 # --- (4) the smoke runs leave DESIGN §7's files; (5) a killed run resumes bit for bit ---
@@ -769,6 +875,18 @@ LCM_FAST = ["ddil_lcm.py", "--preset", "smoke", "--iters", "6", "--eval-samples"
 LCM_DDIL = ["--ddil", "--reflected", "--buffer-size", "16", "--teacher-rollout-steps", "8"]
 
 
+def test_lcm_clips_the_gradient_norm_at_one_by_default(teacher_ckpt, tmp_path, monkeypatch):
+    # diffusers' LCM distillation script clips at max_grad_norm 1.0; PD and DMD2 here clip too.
+    seen, real = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm, *a, **k: (seen.append(max_norm),
+                                                                                         real(p, max_norm, *a, **k))[1])
+    lcm.main(["--preset", "smoke", "--iters", "2", "--batch-size", "2", "--eval-samples", "0", "--log-every", "1",
+              "--teacher", teacher_ckpt, "--out", str(tmp_path)])
+    assert seen == [1.0, 1.0]
+    assert all(r["grad_norm"] > 0 for r in read_log(tmp_path))
+    assert lcm.parse_args(["--preset", "smoke", "--grad-clip", "0"]).grad_clip == 0
+
+
 @pytest.fixture(scope="module")
 def lcm_ddil_run(teacher_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("lcm_ddil")
@@ -790,7 +908,7 @@ def test_lcm_smoke_run_leaves_its_files(mode, teacher_ckpt, lcm_ddil_run, tmp_pa
     last = read_log(out)[-1]
     assert "loss" in last and "frac_fwd" in last
     if mode == "ddil":
-        assert ckpt["sampler"]["student"] is not None      # backward states reached the replay buffer
+        assert ckpt["sampler"]["buffers"]["student"] is not None      # backward states reached the replay buffer
 
 
 def test_lcm_killed_run_resumes_bitwise(teacher_ckpt, lcm_ddil_run, tmp_path):
@@ -904,6 +1022,48 @@ def test_dmd2_threshold_flags_touch_only_their_network():
     assert all(c[0] == "static" for c in ddil_dmd2.clip_specs(ddil_dmd2.parse_args(["--preset", "smoke", "--reflected"])))
 
 
+def test_dmd2_threshold_student_is_straight_through():
+    # A raw generator output at 1.3 goes forward clipped to 1, and still gets the DM gradient (a hard clamp
+    # gave it exactly zero, so it was never pulled back into range).
+    mu = torch.zeros(3, 32, 32)
+    raw = torch.zeros(2, 3, 32, 32)
+    raw[:, 0, 0, 0] = 1.3
+    raw.requires_grad_(True)
+    clip = ddil_dmd2.clip_specs(ddil_dmd2.parse_args(["--preset", "smoke", "--threshold-student"]))[2]
+    x = ddil_dmd2.straight_through(raw, clip)
+    assert torch.equal(x.detach(), raw.detach().clamp(-1, 1))
+    loss, extra = dm_loss(x, GaussianDenoiser(mu), GaussianDenoiser(mu + 0.5))
+    loss.mean().backward()
+    assert (raw.grad[:, 0, 0, 0] != 0).all()
+    torch.testing.assert_close(raw.grad, extra["grad"] / x.numel())       # the gradient passes unchanged
+
+
+def test_dmd2_one_sided_score_clipping_moves_the_fixed_point():
+    # Identical real and fake scores: the DM gradient is 0 whatever x, unless only ONE of them is clipped.
+    # Both x̂_0 far above 1: clipping the teacher alone pulls x inward (descent -grad < 0), the critic alone
+    # pushes it outward; no clipping and teacher+critic (the threshold study's consistent row) give 0.
+    mu = torch.full((3, 32, 32), 2.0)
+    x = mu + 0.05 * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    clip, none = ("static", 0.995), (None, 0.995)
+    grads = {name: dm_loss(x, GaussianDenoiser(mu, 0.05), GaussianDenoiser(mu.clone(), 0.05), clips)[1]["grad"]
+             for name, clips in (("none", (none, none)), ("teacher+critic", (clip, clip)),
+                                 ("teacher", (clip, none)), ("critic", (none, clip)))}
+    assert torch.equal(grads["none"], torch.zeros_like(x)) and torch.equal(grads["teacher+critic"], torch.zeros_like(x))
+    assert (-grads["teacher"] < 0).all() and (-grads["critic"] > 0).all()
+    rows = dict(ablate.grid("threshold", "dmd2"))
+    assert {"teacher+critic", "critic", "teacher"} <= rows.keys()
+    assert {"--threshold-teacher", "--threshold-critic"} <= set(rows["teacher+critic"])
+
+
+def test_dmd2_dm_gradient_norm_logged_is_the_gradient_at_x():
+    g = torch.Generator().manual_seed(5)
+    mu_real, mu_fake = 0.3 * torch.randn(2, 3, 32, 32, generator=g)
+    x = (mu_fake + 0.5 * torch.randn(4, 3, 32, 32, generator=g)).requires_grad_(True)
+    loss, extra = dm_loss(x, GaussianDenoiser(mu_real), GaussianDenoiser(mu_fake))
+    (dx,) = torch.autograd.grad(loss.mean(), x)
+    torch.testing.assert_close(extra["grad"].norm() / x.numel(), dx.norm())     # what train() logs, no backward
+
+
 # --- Baseline reduction: the sources of the generator's inputs ---
 
 @pytest.fixture(scope="module")
@@ -978,7 +1138,8 @@ def test_dmd2_gan_head_trains_and_is_checkpointed(teacher_ckpt, tmp_path):
     ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
     head0 = ddil_dmd2.gan_head(ckpt["unet"]["ch"] * ckpt["unet"]["ch_mult"][-1]).state_dict()
     assert ckpt["nets"]["head"].keys() == head0.keys()
-    assert "gan_loss" in open(out / "log.jsonl").read()
+    log = read_log(out)[-1]
+    assert {"gan_loss", "dm_grad_norm", "gan_grad_norm"} <= log.keys() and log["gan_grad_norm"] > 0
 
 
 # --- eval.py (issue 6): FID closed forms ---
@@ -1189,31 +1350,41 @@ def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussi
 
 # --- ablate.py (issues 7 and 9): grids and paired statistics ---
 
-def test_ablation_grids_match_the_issue():
-    import ablate
-    flags = lambda study, m: {name: tuple(f) for name, f in ablate.grid(study, m)}
+STUDIED = {"priors": {"beta_fwd", "beta_teacher", "beta_student", "priors", "prior_schedule"},
+           "threshold": {"threshold_teacher", "threshold_student", "threshold_critic", "sample_clip"}}
+
+
+def test_ablation_rows_differ_only_in_the_studied_flags():
+    # The resolved configuration of every row (what the run actually trains with), compared across the rows
+    # of each study: only the studied settings may differ; and each row resolves to what its name says.
     for m in ("pd", "lcm", "dmd2"):
-        priors = flags("priors", m)
-        assert priors["fwd100"] == ("--beta-fwd",) and priors["student100"] == ("--beta-student",)
-        assert priors["fwd50-student50"] == ("--beta-fwd", "--beta-student")
-        assert {priors[f"ddil-{s}"] for s in ("constant", "cosine", "step")} == \
-            {("--ddil", "--prior-schedule", s) for s in ("constant", "cosine", "step")}
-        assert priors["ddil-linear"] == ("--ddil",) and ddil_pd.parse_args(["--ddil"]).prior_schedule == "linear"
-        assert len(priors) == 7
-        th = flags("threshold", m)
-        assert th["none"] == ("--ddil",) and th["teacher"] == ("--ddil", "--threshold-teacher")
-        assert th["student"] == ("--ddil", "--threshold-student")
-        assert th["teacher+student"] == ("--ddil", "--threshold-teacher", "--threshold-student")
-        assert len(th) == (6 if m == "dmd2" else 4)
-        assert flags("paper", m) == {"baseline": (), "ddil": ("--ddil",), "reflected-ddil": ("--ddil", "--reflected")}
-    th = flags("threshold", "dmd2")
-    assert th["critic"] == ("--ddil", "--threshold-critic")
-    assert th["all"] == ("--ddil", "--threshold-teacher", "--threshold-student", "--threshold-critic")
+        for study, keys in STUDIED.items():
+            configs = {name: ablate.resolved_config(m, flags, "smoke", 0, []) for name, flags in ablate.grid(study, m)}
+            ref = configs[ablate.reference(study, m)]
+            for name, cfg in configs.items():
+                differ = {k for k in cfg.keys() | ref.keys() if cfg.get(k) != ref.get(k)}
+                assert differ <= keys, (m, study, name, differ - keys)
+        pri = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("priors", m)}
+        assert len(pri) == 7 and {c["buffer_size"] for c in pri.values()} == {4096}
+        assert pri["fwd100"]["priors"] == [1, 0, 0] and pri["student100"]["priors"] == [0, 0, 1]
+        assert pri["fwd50-student50"]["priors"] == [0.5, 0, 0.5]
+        for s in ("constant", "linear", "cosine", "step"):
+            assert pri[f"ddil-{s}"]["prior_schedule"] == s and pri[f"ddil-{s}"]["priors"] == pytest.approx([.5, .1, .4])
+        assert {pri[k]["prior_schedule"] for k in ("fwd100", "student100", "fwd50-student50")} == {"constant"}
+        th = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("threshold", m)}
+        where = {name: {k for k in STUDIED["threshold"] if c.get(k)} for name, c in th.items()}
+        expect = {"none": set(), "sampling": {"sample_clip"}, "teacher": {"threshold_teacher"},
+                  "student": {"threshold_student", "sample_clip"},
+                  "teacher+student": {"threshold_teacher", "threshold_student", "sample_clip"}}
+        if m == "dmd2":
+            expect.update({"critic": {"threshold_critic"}, "teacher+critic": {"threshold_teacher", "threshold_critic"},
+                           "all": STUDIED["threshold"]})
+        assert where == expect, m
+        paper = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("paper", m)}
+        assert paper["baseline"]["priors"] == [float(s == ablate.BASELINE_SOURCE[m]) for s in common.SOURCES]
+        assert paper["baseline"]["sample_clip"] == (m == "pd")          # each method's official default
+        assert paper["reflected-ddil"]["threshold_teacher"] and paper["reflected-ddil"]["threshold_student"]
     assert ablate.reference("priors", "dmd2") == "student100" and ablate.reference("priors", "pd") == "fwd100"
-    # Each grid row's flags parse, and the baseline flags reduce to the method's own baseline source.
-    for m, module in (("pd", ddil_pd), ("lcm", lcm), ("dmd2", ddil_dmd2)):
-        for _, f in ablate.grid("priors", m) + ablate.grid("threshold", m):
-            module.parse_args(["--preset", "smoke", *f])
 
 
 def test_paired_delta_mean_and_t_interval():
