@@ -9,8 +9,10 @@ depend on the batch size, and two runs evaluated with the same N see the same no
                                  ‖μ_1 − μ_2‖² + Tr(Σ_1 + Σ_2 − 2 (Σ_1 Σ_2)^½) on the 2048-d pool3 features
                                  of the TensorFlow Inception-v3 2015-12-05 network (the pytorch-fid /
                                  clean-fid / StyleGAN / EDM one), images resized 32 → 299 as NVlabs do
-    precision, recall{N}_{ref}   Kynkäänniemi et al. 2019 (arXiv 1904.06991), k = 5, same features
-    density, coverage{N}_{ref}   Naeem et al. 2020 (arXiv 2002.09797), k = 5, same features
+    precision, recall{N}_{ref}_k3   Kynkäänniemi et al. 2019 (arXiv 1904.06991), k = 3 as theirs and
+                                 NVlabs' pr50k3, but on the Inception pool3 features (the original uses
+                                 VGG16 fc2 features: not comparable with published values)
+    density, coverage{N}_{ref}_k5   Naeem et al. 2020 (arXiv 2002.09797), k = 5 as theirs, same features
     class_score, class_acc{N}_train   the CLIP-score analogue: mean (temperature-calibrated) probability
                                  that a CIFAR-10 classifier trained by this file on the training set
                                  gives to the class the sample was conditioned on, and its top-1 accuracy
@@ -23,14 +25,16 @@ depend on the batch size, and two runs evaluated with the same N see the same no
                                  mean squared error (in [-1, 1] units) and mean LPIPS over the N pairs, with
                                  their standard errors (teacher_mse_se..., teacher_lpips_se...). Paired, so
                                  run-to-run differences are far less noisy than FID's (issue 9).
-    drift{N}_ddim{R}             per-step drift: for each of the student's K steps, the mean squared gap
-                                 between the student's x̂_0 at that step and the teacher's sample on the same
-                                 noise (a list; its last entry is the student's sample itself), showing
-                                 where along its trajectory the student parts from the teacher
-                                 (re-noising samplers, LCM and DMD2, draw fresh noise from seed i's
-                                 generator too: they cannot follow the teacher's ODE path, so their level is
-                                 not zero even for a perfect student, but two runs of one method remain
-                                 paired sample for sample)
+    drift{N}_ddim{R}             per-step drift from the teacher's flow: after each of the student's K steps,
+                                 the teacher's R-step DDIM is run from the student's state z_k down to 0,
+                                 and the mean squared gap (uint8-quantised, as teacher_mse) between where it
+                                 lands and where it lands from the shared initial noise is recorded (a list
+                                 of K; the last entry is teacher_mse itself). It is exactly 0 at every step
+                                 for the teacher's own R-step sampler, and grows as the student's trajectory
+                                 leaves the teacher's flow. Re-noising samplers (LCM, DMD2) leave the flow
+                                 by design at each re-noising, so their level is not 0 even for a perfect
+                                 student, but two runs of one method stay paired sample for sample.
+                                 N = min(samples, 1000): an R-step teacher solve per intermediate step.
 
 Names carry the sample count N (10000 -> 10k) and the reference: `train` is the run's whole training
 set, `train500` an evenly spaced subset of 500 of its images (the smoke preset: Inception costs
@@ -69,7 +73,7 @@ import os
 import time
 import warnings
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,7 +85,8 @@ from tqdm import tqdm
 
 import common
 
-K_NEIGHBOURS = 5                                 # k of precision/recall/density/coverage
+K_PR, K_DC = 3, 5                                # k of precision/recall (Kynkäänniemi) and density/coverage (Naeem)
+DRIFT_SAMPLES = 1000                             # samples of the drift metric (a teacher solve per step)
 LPIPS_SIZE = 224                                 # LPIPS input side (AlexNet's training scale)
 DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000}
 REF_LIMIT = {"smoke": 500}                       # FID reference subset per preset (absent: the whole set)
@@ -125,14 +130,37 @@ def _count(n):
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
-def metric_name(metric, n, ref=None, ref_n=None):
-    """fid10k_train, fid100_train500, precision10k_train10k, lpips_div100 (module docstring)."""
-    return f"{metric}{_count(n)}" + (f"_{ref}" if ref else "") + ("" if ref_n is None else _count(ref_n))
+def metric_name(metric, n, ref=None, ref_n=None, k=None):
+    """fid10k_train, fid100_train500, precision10k_train10k_k3, lpips_div100 (module docstring)."""
+    return (f"{metric}{_count(n)}" + (f"_{ref}" if ref else "") + ("" if ref_n is None else _count(ref_n))
+            + ("" if k is None else f"_k{k}"))
 
 
 def _even(n, m):
     """m evenly spaced indices of range(n) (every class of a sorted image folder stays in)."""
     return np.linspace(0, n - 1, m).round().astype(np.int64) if m < n else np.arange(n)
+
+
+@contextmanager
+def full_precision():
+    """TF32 off for cuDNN convolutions and CUDA matmuls while a metric network runs (NVlabs' metric code
+    does the same): PyTorch allows TF32 in cuDNN by default, which changes Inception, classifier and LPIPS
+    features at the third digit from GPU to GPU. Used as a decorator on every metric network call."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def check_finite(x, what):
+    """A float batch with a NaN or inf is a diverged model: one-line error, never a finite score."""
+    bad = int((~torch.isfinite(x.float())).flatten(1).any(1).sum())
+    if bad:
+        raise common.UserError(f"{what}: {bad} of {len(x)} samples are not finite (the run diverged?); nothing was "
+                               "scored or cached")
+    return x
 
 
 def to_uint8(images):
@@ -180,6 +208,7 @@ def resize_nv(x, size=299):
 
 
 @torch.no_grad()
+@full_precision()
 def inception_features(images, device=None, batch_size=None, progress=True):
     """Pool3 features float64 [N, 2048] of images uint8 [N, 3, H, W] or float in [-1, 1] (quantised to
     uint8 first). Input contract of the network: 299x299, (x_uint8 - 128) / 128."""
@@ -216,35 +245,39 @@ def _distances(a, b):
 
 
 @torch.no_grad()
-def prdc(real, fake, k=K_NEIGHBOURS, device=None, chunk=2048):
-    """Precision, recall (Kynkäänniemi et al. 2019) and density, coverage (Naeem et al. 2020) of
-    features fake [M, d] against real [N, d], with the k-NN balls B(x, r_k(x)) of each set:
+def prdc(real, fake, k_pr=K_PR, k_dc=K_DC, device=None, chunk=2048):
+    """Precision, recall (Kynkäänniemi et al. 2019, k = k_pr) and density, coverage (Naeem et al. 2020,
+    k = k_dc) of features fake [M, d] against real [N, d], with the k-NN balls B(x, r_k(x)) of each set:
         precision = share of fakes inside some real ball      recall   = share of reals inside some fake ball
         density   = mean over fakes of (#real balls holding it) / k
         coverage  = share of reals whose ball holds some fake  (as Naeem et al.'s prdc package, strict <)."""
     device = torch.device(device or default_device())
     real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device) for f in (real, fake))
 
-    def radius(x):   # distance to the k-th nearest neighbour other than itself: (k+1)-th smallest with self
+    def radius(x, k):   # distance to the k-th nearest neighbour other than itself: (k+1)-th smallest with self
         return torch.cat([_distances(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
 
-    r_real, r_fake = radius(real), radius(fake)
-    n_balls = torch.zeros(len(fake), dtype=torch.float64, device=device)   # real balls holding each fake
+    r_pr, r_dc, r_fake = radius(real, k_pr), radius(real, k_dc), radius(fake, k_pr)
+    in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)      # fake inside some real k_pr-ball
+    n_balls = torch.zeros(len(fake), dtype=torch.float64, device=device)   # real k_dc-balls holding each fake
     in_fake, covered = [], []
     for i in range(0, len(real), chunk):
         d = _distances(real[i:i + chunk], fake)                             # [c, M]
-        inside = d < r_real[i:i + chunk, None]
+        in_real |= (d < r_pr[i:i + chunk, None]).any(0)
+        inside = d < r_dc[i:i + chunk, None]
         n_balls += inside.sum(0)
         covered.append(inside.any(1))
         in_fake.append((d < r_fake[None]).any(1))
-    return dict(precision=float((n_balls > 0).double().mean()), recall=float(torch.cat(in_fake).double().mean()),
-                density=float(n_balls.mean() / k), coverage=float(torch.cat(covered).double().mean()))
+    return dict(precision=float(in_real.double().mean()), recall=float(torch.cat(in_fake).double().mean()),
+                density=float(n_balls.mean() / k_dc), coverage=float(torch.cat(covered).double().mean()))
 
 
 def reference(images, name, full, device=None, progress=True):
-    """Inception features and (μ, Σ) of a reference set uint8 [R, 3, H, W], cached on disk under a hash
-    of its pixels and of the network file. full: whether it is the whole set its name stands for."""
-    key = f"inception-{_sha(images)}-{_file_sha(inception_path())[:8]}"
+    """Inception features and (μ, Σ) of a reference set uint8 [R, 3, H, W], cached on disk under what
+    changes them: a hash of its pixels, of the network file, and the device type (CPU and GPU features
+    differ in the last digits; TF32 is always off). full: whether it is the whole set its name stands for."""
+    device = torch.device(device or default_device())
+    key = f"inception-{_sha(images)}-{_file_sha(inception_path())[:8]}-{device.type}"
     path = os.path.join(cache_dir(), key + ".npz")
     if key not in _MEMO:
         if not os.path.isfile(path):
@@ -265,8 +298,8 @@ def distribution_metrics(feats, ref, device=None):
     out = {metric_name("fid", n, ref["name"], None if ref["full"] else ref["n"]): fid}
     idx = _even(ref["n"], min(n, ref["n"]))              # equal-size real set (both PRDC papers)
     ref_n = None if ref["full"] and len(idx) == ref["n"] else len(idx)
-    for k, v in prdc(ref["features"][idx], feats, K_NEIGHBOURS, device).items():
-        out[metric_name(k, n, ref["name"], ref_n)] = v
+    for k, v in prdc(ref["features"][idx], feats, K_PR, K_DC, device).items():
+        out[metric_name(k, n, ref["name"], ref_n, K_PR if k in ("precision", "recall") else K_DC)] = v
     return out
 
 
@@ -310,6 +343,7 @@ def _augment(x, gen, translate):
     return x
 
 
+@full_precision()
 def train_classifier(images, labels, spec, device, progress=True):
     """Train on 9/10 of the set (every 10th image held out); fit a softmax temperature on the held-out
     tenth (Guo et al. 2017) so that class_score is a calibrated probability. Returns (net, info)."""
@@ -354,6 +388,7 @@ def train_classifier(images, labels, spec, device, progress=True):
 
 
 @torch.no_grad()
+@full_precision()
 def _logits(net, x, batch_size=1000):
     return torch.cat([net(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
@@ -405,10 +440,12 @@ class LPIPS:
         return x
 
     @torch.no_grad()
+    @full_precision()
     def __call__(self, x, y):
         return self.net(self._prep(x), self._prep(y)).flatten()
 
     @torch.no_grad()
+    @full_precision()
     def embed(self, x):
         import lpips
         feats = self.net.net(self.net.scaling_layer(self._prep(x)))
@@ -483,16 +520,17 @@ def lpips_diversity(lpips_fn, images, labels, batch_size=50):
 # --- Evaluating a generator, a run, a folder of images ---
 
 @torch.no_grad()
-def generate_samples(generate, n, device, batch_size=None, amp=nullcontext, progress=True):
+def generate_samples(generate, n, device, batch_size=None, amp=nullcontext, progress=True, label="samples"):
     """Sample i from seed i with label i mod 10, whatever the batch size. generate(noise, labels,
-    renoise) -> x̂_0 [B, 3, 32, 32] in about [-1, 1]. Returns uint8 [n, 3, 32, 32] and labels [n] (CPU)."""
+    renoise) -> x̂_0 [B, 3, 32, 32] in about [-1, 1]. Returns uint8 [n, 3, 32, 32] and labels [n] (CPU).
+    A non-finite sample is a one-line error naming `label` (to_uint8 would map NaN to a finite 0)."""
     batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     images, labels = [], []
     for i in tqdm(range(0, n, batch_size), desc="generate", disable=None if progress else True, leave=False):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         with amp():
             x = generate(noise, y, renoise)
-        images.append(to_uint8(x.float().cpu()))
+        images.append(to_uint8(check_finite(x, label).float().cpu()))
         labels.append(y.cpu())
     return torch.cat(images), torch.cat(labels)
 
@@ -521,33 +559,54 @@ def score_samples(images, labels, train, ref_limit, classifier_arch, device, lpi
     score, acc = class_metrics(classifier, images, labels, device)
     metrics[metric_name("class_score", n, "train")], metrics[metric_name("class_acc", n, "train")] = score, acc
     times["classifier_s"], t = time.time() - t, time.time()
-    metrics[metric_name("lpips_div", n)] = lpips_diversity(load_lpips(lpips_backbone, device), images, labels)
+    lpips_fn, why = optional_lpips(lpips_backbone, device)
+    skipped = {metric_name("lpips_div", n): why} if why else {}
+    if lpips_fn is not None:
+        metrics[metric_name("lpips_div", n)] = lpips_diversity(lpips_fn, images, labels)
     times["lpips_s"] = time.time() - t
     info = dict(reference=dict(name=ref["name"], n=ref["n"], cache=ref["key"]), classifier=classifier[1],
-                lpips=dict(net="alex", size=LPIPS_SIZE), time_s=times)
+                lpips=dict(net="alex", size=LPIPS_SIZE), time_s=times, skipped=skipped)
     return metrics, info
 
 
 # --- Teacher agreement and per-step drift: paired against the teacher on the same noise (issue 9) ---
 
+def reference_grid(ref_steps):
+    """The teacher's reference DDIM grid [1, 1 - 1/R, ..., 0] (R = ref_steps)."""
+    return common.fine_grid(1.0, 0.0, ref_steps)
+
+
+def grid_tail(grid, t):
+    """The reference grid continued from time t: [t] + its points below t (exactly its own tail when t is
+    one of its points, so the teacher's own sampler lands where the reference does)."""
+    return [t] + [g for g in grid if g < t - 1e-9]
+
+
 @torch.no_grad()
-def student_trajectory(x0_fn, times, stochastic, n, device, batch_size=None, amp=nullcontext):
-    """The student's x̂_0 at each of its K steps for seeds 0..n-1 (labels i mod 10), float [K, n, 3, 32, 32]
-    on the CPU; the last entry is the sample itself. Same noise, same loop as generate_samples."""
+def paired_trajectories(student, teacher_fn, n, n_drift, device, ref_steps=REF_STEPS, batch_size=None, amp=nullcontext):
+    """For seeds 0..n-1 (labels i mod 10): the student's samples [n, 3, 32, 32], and, for the first n_drift
+    seeds, where the teacher's R-step flow lands from the student's state after each of its first K - 1
+    steps [K - 1, n_drift, 3, 32, 32] (float, CPU). Same noise and loop as generate_samples."""
+    x0_fn, times, stochastic = student
+    grid = reference_grid(ref_steps)
     batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
-    out = []
+    samples, lands = [], []
     for i in range(0, n, batch_size):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
-        steps = []
+        states = []
 
-        def recording(z, t, y):
-            x0 = x0_fn(z, t, y)
-            steps.append(x0.float().cpu())
-            return x0
+        def recording(z, t, y):                  # z_k: the state entering step k + 1 (k = 0: the noise)
+            states.append(z)
+            return x0_fn(z, t, y)
         with amp():
-            common.sample(recording, noise, y, times, renoise if stochastic else None)
-        out.append(torch.stack(steps))
-    return torch.cat(out, dim=1)
+            samples.append(check_finite(common.sample(recording, noise, y, times, renoise if stochastic else None),
+                                        "student").float().cpu())
+            m = max(0, min(n_drift, i + batch_size) - i)
+            if m:
+                lands.append(torch.stack([common.sample(teacher_fn, z[:m], y[:m], grid_tail(grid, float(t))).float().cpu()
+                                          for z, t in zip(states[1:], times[1:-1])]))
+    K = len(times) - 1
+    return torch.cat(samples), (torch.cat(lands, dim=1) if lands else torch.zeros(K - 1, 0, 3, 32, 32))
 
 
 @torch.no_grad()
@@ -558,14 +617,14 @@ def teacher_samples(teacher_fn, n, device, ref_steps=REF_STEPS, cache_key=None, 
     path = cache_key and os.path.join(cache_dir(), f"teacher-samples-{cache_key}-ddim{ref_steps}-n{n}.pt")
     if path and os.path.isfile(path):
         return torch.load(path, weights_only=True).float()
-    times = torch.linspace(1, 0, ref_steps + 1).tolist()
+    times = reference_grid(ref_steps)
     batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f"teacher ddim{ref_steps}", disable=None, leave=False):
         noise, y, _ = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         with amp():
             out.append(common.sample(teacher_fn, noise, y, times).float().cpu())
-    x = torch.cat(out)
+    x = check_finite(torch.cat(out), f"teacher ddim{ref_steps}")
     if path:  # full precision: the run that fills the cache and the runs that read it see the same values
         torch.save(x, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -576,22 +635,36 @@ def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_ST
                       batch_size=None, amp=nullcontext):
     """Paired agreement of a student (x0_fn, times, stochastic) with the teacher on the same noise.
     Returns (metrics, per-sample arrays): teacher_mse / teacher_lpips{N}_ddim{R} (on the uint8-quantised
-    samples, like every other metric), their standard errors, and drift{N}_ddim{R} (a list over steps)."""
-    x0_fn, times, stochastic = student
-    traj = student_trajectory(x0_fn, times, stochastic, n, device, batch_size, amp)        # [K, n, 3, 32, 32]
+    samples, like every other metric), their standard errors, and drift{N'}_ddim{R} (a list over the K
+    steps, N' = min(N, DRIFT_SAMPLES); module docstring). lpips_fn None: no teacher_lpips."""
+    n_drift = min(n, DRIFT_SAMPLES)
+    samples, lands = paired_trajectories(student, teacher_fn, n, n_drift, device, ref_steps, batch_size, amp)
     ref = teacher_samples(teacher_fn, n, device, ref_steps, cache_key, batch_size, amp)   # [n, 3, 32, 32]
     q = lambda x: to_uint8(x).float() / 127.5 - 1
-    s, t = q(traj[-1]), q(ref)
+    s, t = q(samples), q(ref)
     mse = (s - t).square().mean(dim=(1, 2, 3)).double().numpy()
-    lp = torch.cat([lpips_fn(s[i:i + 50], t[i:i + 50]).cpu() for i in range(0, n, 50)]).double().numpy()
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     ref_name = f"ddim{ref_steps}"
     metrics = {metric_name("teacher_mse", n, ref_name): float(mse.mean()),
-               metric_name("teacher_mse_se", n, ref_name): se(mse),
-               metric_name("teacher_lpips", n, ref_name): float(lp.mean()),
-               metric_name("teacher_lpips_se", n, ref_name): se(lp),
-               metric_name("drift", n, ref_name): [float((x - ref).square().mean()) for x in traj]}
-    return metrics, dict(mse=mse, lpips=lp)
+               metric_name("teacher_mse_se", n, ref_name): se(mse)}
+    arrays = dict(mse=mse)
+    if lpips_fn is not None:
+        lp = torch.cat([lpips_fn(s[i:i + 50], t[i:i + 50]).cpu() for i in range(0, n, 50)]).double().numpy()
+        metrics[metric_name("teacher_lpips", n, ref_name)] = float(lp.mean())
+        metrics[metric_name("teacher_lpips_se", n, ref_name)] = se(lp)
+        arrays["lpips"] = lp
+    gaps = [(q(land) - t[:n_drift]).square().mean() for land in lands] + [(s - t)[:n_drift].square().mean()]
+    metrics[metric_name("drift", n_drift, ref_name)] = [float(g) for g in gaps]
+    return metrics, arrays
+
+
+def optional_lpips(backbone, device):
+    """(LPIPS callable, None), or (None, why) where its weights cannot be had (offline with no backbone file):
+    LPIPS is an optional metric and never fails a finished run."""
+    try:
+        return load_lpips(backbone, device), None
+    except common.UserError as e:
+        return None, f"{e}"
 
 
 def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device=None, ref_limit=None,
@@ -609,22 +682,26 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
     amp = lambda: common.autocast(SimpleNamespace(amp=cfg.get("amp", "none"), device=str(device)))
     t0 = time.time()
     with torch.random.fork_rng():      # evaluation must not move the caller's RNG streams (training resumes)
-        images, labels = generate_samples(generate, n, device, batch_size, amp, progress)
+        images, labels = generate_samples(generate, n, device, batch_size, amp, progress, label or out_path)
         t_gen = time.time() - t0
         train = training_set(cfg["dataset"], cfg.get("data_dir"))
         metrics, info = score_samples(images, labels, train, ref_limit, classifier, device, lpips_backbone, progress)
         if agreement:
             t1 = time.time()
-            paired, _ = teacher_agreement(agreement["student"], agreement["teacher_fn"], n, device,
-                                          load_lpips(lpips_backbone, device), ref_steps, agreement.get("cache_key"),
-                                          batch_size, amp)
+            lpips_fn, why = optional_lpips(lpips_backbone, device)
+            paired, _ = teacher_agreement(agreement["student"], agreement["teacher_fn"], n, device, lpips_fn,
+                                          ref_steps, agreement.get("cache_key"), batch_size, amp)
             metrics.update(paired)
+            if why:
+                info["skipped"][metric_name("teacher_lpips", n, f"ddim{ref_steps}")] = why
             info["time_s"]["agreement_s"] = time.time() - t1
     info["time_s"] = dict(generate_s=t_gen, **info["time_s"], total_s=time.time() - t0)
     record = dict(step=ckpt.get("step"), n=n, seeds=[0, n - 1], labels="seed mod 10", sampler=sampler,
                   device=str(device), **info, time=time.time())
     merge_metrics(out_path, metrics, record)
     print(summary_line(label or out_path, record, metrics))
+    for name, why in info["skipped"].items():
+        print(f"{name} skipped ({why})")
     return metrics
 
 
@@ -692,6 +769,10 @@ def merge_metrics(path, metrics, record):
         with open(path) as f:
             data = json.load(f)
     data.update(metrics)
+    skipped = {k: v for k, v in {**data.get("skipped", {}), **record.get("skipped", {})}.items() if k not in metrics}
+    data.pop("skipped", None)
+    if skipped:                        # optional metrics that could not be computed, and why
+        data["skipped"] = skipped
     data.setdefault("evals", {})[str(record["n"])] = dict(record, metrics=sorted(metrics))
     data.setdefault("history", []).append(dict(step=record.get("step"), n=record["n"], **metrics))
     with open(path + ".tmp", "w") as f:

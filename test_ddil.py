@@ -1255,19 +1255,28 @@ def _prdc_reference(real, fake, k):
 
 
 def test_prdc_matches_reference_implementation():
+    # Precision/recall at k = 3 (Kynkäänniemi et al., NVlabs' pr50k3), density/coverage at k = 5 (Naeem et al.)
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(120, 6)), rng.normal(0.3, 1.2, size=(90, 6))
-    ours = evaluation.prdc(real, fake, k=5, device="cpu", chunk=50)     # chunking must not matter
-    for key, value in _prdc_reference(real, fake, 5).items():
-        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    ours = evaluation.prdc(real, fake, device="cpu", chunk=50)           # chunking must not matter
+    ref3, ref5 = _prdc_reference(real, fake, 3), _prdc_reference(real, fake, 5)
+    for key in ("precision", "recall"):
+        assert ours[key] == pytest.approx(ref3[key], abs=1e-12), key
+    for key in ("density", "coverage"):
+        assert ours[key] == pytest.approx(ref5[key], abs=1e-12), key
+    assert ref3["precision"] != ref5["precision"] or ref3["recall"] != ref5["recall"]   # k matters here
+    names = evaluation.distribution_metrics(rng.normal(size=(40, 6)), dict(mu=np.zeros(6), sigma=np.eye(6),
+                                            features=rng.normal(size=(50, 6)), name="train", n=50, full=True), "cpu")
+    assert {"precision40_train40_k3", "recall40_train40_k3", "density40_train40_k5", "coverage40_train40_k5",
+            "fid40_train"} == set(names)
 
 
 def test_prdc_self_and_shifted():
     real = np.random.default_rng(1).normal(size=(200, 8))
-    same = evaluation.prdc(real, real, k=5, device="cpu")
+    same = evaluation.prdc(real, real, device="cpu")
     # a set against itself: every point lies in its own ball; the ball counts sum to N k, so density is 1
     assert same == pytest.approx(dict(precision=1.0, recall=1.0, density=1.0, coverage=1.0))
-    shifted = evaluation.prdc(real, real + 2.0, k=5, device="cpu")       # a shift of 5.7 sd
+    shifted = evaluation.prdc(real, real + 2.0, device="cpu")            # a shift of 5.7 sd
     assert all(shifted[key] < 0.3 for key in same), shifted
 
 
@@ -1286,6 +1295,61 @@ def test_metric_names():
     assert evaluation.metric_name("fid", 100, "train", 500) == "fid100_train500"
     assert evaluation.metric_name("precision", 10_000, "train", 10_000) == "precision10k_train10k"
     assert evaluation.metric_name("lpips_div", 250) == "lpips_div250"
+    assert evaluation.metric_name("precision", 10_000, "train", 10_000, k=3) == "precision10k_train10k_k3"
+
+
+def test_metric_networks_run_without_tf32_and_the_cache_knows_the_device(monkeypatch, tmp_path):
+    # PyTorch allows TF32 in cuDNN convolutions by default: features would change from GPU to GPU.
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+    monkeypatch.setitem(evaluation._MEMO, ("inception", "cpu"), Recorder())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    evaluation.inception_features(images, "cpu", progress=False)
+    net = evaluation.classifier_net((4, 4, 4, 4))
+    evaluation._logits(nn.Sequential(Recorder(), nn.Linear(2048, 10)), images.float())
+    assert seen and all(s == (False, False) for s in seen)
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32      # restored after
+    ref = evaluation.reference(images, "train", True, "cpu", progress=False)
+    assert ref["key"].endswith("-cpu")
+
+
+def test_non_finite_samples_are_an_error_and_nothing_is_scored_or_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    diverged = lambda noise, labels, renoise: torch.where(labels[:, None, None, None] == 3, float("nan"), noise)
+    with pytest.raises(common.UserError, match="runs/x: 1 of 5 samples are not finite"):
+        evaluation.generate_samples(diverged, 5, "cpu", progress=False, label="runs/x")
+    with pytest.raises(common.UserError, match="not finite"):
+        evaluation.teacher_samples(lambda z, t, y: z * float("inf"), 4, "cpu", 4, cache_key="bad")
+    assert not os.listdir(tmp_path)
+
+
+def test_an_optional_metric_without_weights_is_skipped_not_fatal(tmp_path, monkeypatch):
+    # Offline, with no DDIL_LPIPS_BACKBONE and no ../shared copy, LPIPS cannot download AlexNet: the other
+    # metrics are computed and metrics.json says what was skipped and why.
+    import lpips
+    monkeypatch.delenv("DDIL_LPIPS_BACKBONE", raising=False)
+    monkeypatch.setattr(evaluation, "SHARED_LPIPS", str(tmp_path / "absent.pt"))
+    monkeypatch.setattr(lpips, "LPIPS", lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(40) % 10
+    images, labels = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(10)
+    metrics, info = evaluation.score_samples(images, labels, train, None, "tiny", "cpu", progress=False)
+    why = info["skipped"]["lpips_div10"]
+    assert "DDIL_LPIPS_BACKBONE" in why and "lpips_div10" not in metrics and "fid10_train" in metrics
+    path = str(tmp_path / "metrics.json")
+    evaluation.merge_metrics(path, metrics, dict(n=10, **info))
+    data = json.load(open(path))
+    assert data["skipped"] == {"lpips_div10": why} and data["fid10_train"] == metrics["fid10_train"]
+    evaluation.merge_metrics(path, {"lpips_div10": 0.3}, dict(n=10, skipped={}))   # computed later: no longer skipped
+    assert "skipped" not in json.load(open(path))
 
 
 def test_metrics_json_merges_sample_counts(tmp_path):
@@ -1343,9 +1407,38 @@ def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussi
     assert noisy["teacher_mse20_ddim32"] > 0.005 and noisy["teacher_lpips20_ddim32"] > 0.01
     assert noisy["teacher_mse_se20_ddim32"] > 0
     drift = noisy["drift20_ddim32"]                        # one entry per step; the last is the sample's gap
-    assert len(drift) == R and same["drift20_ddim32"][-1] == 0
+    assert len(drift) == R and drift[-1] == pytest.approx(noisy["teacher_mse20_ddim32"], rel=1e-6)
     assert drift[-1] > 0.009                               # at least the added noise's variance, 0.1^2
-    assert drift[0] > drift[-1]                            # x̂_0 from pure noise is far from any sample
+
+
+def test_drift_is_zero_for_the_teacher_and_follows_a_known_per_step_error(tmp_path, monkeypatch):
+    # Data N(mu_y, s^2) per pixel: the exact denoiser makes a DDIM step affine in z, z_s = a z_t + b, with
+    # a = (alpha_s - sigma_s alpha_t / sigma_t) g_t + sigma_s / sigma_t, g_t = alpha_t s^2 / (alpha_t^2 s^2 + sigma_t^2)
+    # (and a = g_t on the last step, which returns x̂_0). A student that is the teacher's own R-step sampler
+    # but adds delta to x̂_0 at step j + 1 moves its state by delta (alpha_s - sigma_s alpha_t / sigma_t); the
+    # teacher's flow carries that to a landing shift of (product of the later a's) times it. So drift is 0
+    # for the first j steps, then that constant squared at every later step.
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(7)
+    s, R, n, j, delta = 0.3, 8, 30, 3, 0.3
+    net = GaussianTeacher(0.2 * torch.randn(10, 3, 32, 32, generator=g), s)
+    teacher_fn = lambda z, t, y: common.denoise(net, z, t, y)
+    grid = evaluation.reference_grid(R)
+    same = evaluation.teacher_agreement((teacher_fn, grid, False), teacher_fn, n, "cpu", None, R)[0]
+    assert same[f"drift{n}_ddim{R}"] == [0.0] * R
+    off = lambda z, t, y: teacher_fn(z, t, y) + (delta if abs(t - grid[j]) < 1e-9 else 0.0)
+    drift = evaluation.teacher_agreement((off, grid, False), teacher_fn, n, "cpu", None, R)[0][f"drift{n}_ddim{R}"]
+
+    def ab(t):
+        return [float(v) for v in alpha_sigma(torch.tensor(t))]
+    (a_t, s_t), (a_s, s_s) = ab(grid[j]), ab(grid[j + 1])
+    shift = delta * (a_s - s_s * a_t / s_t)
+    for t, u in zip(grid[j + 1:-1], grid[j + 2:]):
+        (a_t, s_t), (a_u, s_u) = ab(t), ab(u)
+        gain = a_t * s * s / (a_t ** 2 * s * s + s_t ** 2)
+        shift *= gain if u == 0 else (a_u - s_u * a_t / s_t) * gain + s_u / s_t
+    assert drift[:j] == [0.0] * j
+    torch.testing.assert_close(torch.tensor(drift[j:]), torch.full((R - j,), shift ** 2), rtol=0.05, atol=1e-4)
 
 
 # --- ablate.py (issues 7 and 9): grids and paired statistics ---
@@ -1387,6 +1480,56 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
     assert ablate.reference("priors", "dmd2") == "student100" and ablate.reference("priors", "pd") == "fwd100"
 
 
+def test_a_grid_never_reuses_a_run_trained_with_other_settings(teacher_ckpt, tmp_path):
+    # Rows shared between studies are one run; the same row with another budget (what follows `--`) is
+    # another run, in its own directory: a 2000-iteration reference row never serves a 20000-iteration table.
+    T = ["--teacher", teacher_ckpt]
+    short, _ = ablate.plan(["pd"], ["priors", "paper"], "smoke", [0], ["--iters", "2", *T])
+    by_setting = {s: r.name for r in short for s in r.settings}
+    assert by_setting["priors:ddil-linear"] == by_setting["paper:ddil"]
+    longer, _ = ablate.plan(["pd"], ["threshold"], "smoke", [0], ["--iters", "20", *T])
+    assert not {r.name for r in short} & {r.name for r in longer}
+    for other in (["--eval-samples", "30"], ["--guidance", "2"], ["--data-dir", str(tmp_path)]):
+        again, _ = ablate.plan(["pd"], ["paper"], "smoke", [0], ["--iters", "2", *T, *other])
+        assert not {r.name for r in again} & {r.name for r in short}, other
+    run = short[0]                              # a record under its name with other settings: an error
+    os.makedirs(run.record(str(tmp_path)))
+    evaluation.merge_metrics(os.path.join(run.record(str(tmp_path)), "metrics.json"), {}, dict(n=1))
+    ablate.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), dict(identity={"iters": 3}))
+    with pytest.raises(common.UserError, match="other settings"):
+        ablate.is_done(run, str(tmp_path))
+
+
+def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
+    rows = {"base": {0: {"fid100_train500": 3.0, "teacher_mse100_ddim64": 0.1}},
+            "ddil": {0: {"fid100_train500": 2.0, "teacher_mse100_ddim64": 0.2}}}
+    summary, cols = ablate.summarise(rows, "base")
+    assert cols == {"fid": "fid100_train500", "teacher_mse": "teacher_mse100_ddim64"}
+    assert summary[1]["d_fid"] == -1.0
+    rows["ddil"][0] = {"fid1k_train500": 2.0, "teacher_mse100_ddim64": 0.2}
+    with pytest.raises(common.UserError, match="fid100_train500 vs fid1k_train500"):
+        ablate.summarise(rows, "base")
+
+
+def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, monkeypatch):
+    # A fresh clone has the records (config, metrics, wall time), not the runs: the grid counts them as done,
+    # trains nothing, and writes its tables from them.
+    extra = ["--teacher", teacher_ckpt, "--iters", "2", "--eval-samples", "20"]
+    runs, _ = ablate.plan(["lcm"], ["paper"], "smoke", [0, 1], extra)
+    for i, run in enumerate(runs):
+        out = tmp_path / "trained" / run.name
+        out.mkdir(parents=True)
+        evaluation.merge_metrics(str(out / "metrics.json"), {"fid20_train500": 10.0 + i, "teacher_mse20_ddim64": 0.1 * i},
+                                 dict(n=20))
+        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0))
+    monkeypatch.setattr(ablate, "execute", lambda *a: pytest.fail("a recorded run was trained again"))
+    ablate.main(["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
+                 "--results", str(tmp_path / "results"), "--shift-samples", "0", "--", *extra])
+    table = open(tmp_path / "results" / "paper-lcm.md").read()
+    assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
+    assert "| baseline |" in table and "| reflected-ddil |" in table
+
+
 def test_paired_delta_mean_and_t_interval():
     import ablate
     x, ref = {0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 1.5}    # seed 7 has no partner
@@ -1394,8 +1537,9 @@ def test_paired_delta_mean_and_t_interval():
     half = 4.302652729911275 * 0.5 / math.sqrt(3)          # t_{0.975, 2} (tables) x sd / sqrt(n)
     assert n == 3 and mean == pytest.approx(1.0) and (lo, hi) == pytest.approx((1.0 - half, 1.0 + half))
     assert math.isnan(ablate.paired_delta({0: 2.0}, {0: 1.0})[1])
-    rows = ablate.summarise({"baseline": {0: {"fid": 10.0}, 1: {"fid": 12.0}, 2: {"fid": 11.0}},
-                             "ddil": {0: {"fid": 9.0}, 1: {"fid": 11.1}, 2: {"fid": 9.9}}}, "baseline")
+    rows, _ = ablate.summarise({"baseline": {0: {"fid9_train": 10.0}, 1: {"fid9_train": 12.0}, 2: {"fid9_train": 11.0}},
+                                "ddil": {0: {"fid9_train": 9.0}, 1: {"fid9_train": 11.1}, 2: {"fid9_train": 9.9}}},
+                               "baseline")
     ddil = rows[1]
     assert ddil["d_fid"] == pytest.approx(-1.0) and ddil["d_fid_hi"] < 0     # consistent on every seed: *
     assert ddil["fid"] == pytest.approx(10.0) and ddil["fid_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
