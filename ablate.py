@@ -42,8 +42,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -53,12 +55,13 @@ import common
 
 METHODS = ("pd", "lcm", "dmd2")
 STUDIES = ("priors", "threshold", "paper")
-PRESETS = ("smoke", "cifar10")
+PRESETS = ("smoke", "cifar10", "gmm")
 BASELINE_SOURCE = {"pd": "fwd", "lcm": "fwd", "dmd2": "student"}    # DESIGN §4: each method's own baseline
 # Metric prefixes in table order; eval.py names keys <prefix><samples>_<reference>[_k<k>], e.g. fid10k_train.
 METRICS = ("fid", "class_score", "class_acc", "lpips_div", "precision", "recall", "density", "coverage",
-           "teacher_mse", "teacher_lpips")
-DELTA_METRICS = ("fid", "class_score", "lpips_div", "teacher_mse", "teacher_lpips")
+           "nll", "class_post", "mode_tv", "fd_px", "teacher_mse", "teacher_lpips")
+DELTA_METRICS = ("fid", "class_score", "lpips_div", "nll", "class_post", "mode_tv", "fd_px", "teacher_mse",
+                 "teacher_lpips")
 RECORD_FILES = ("config.json", "metrics.json", "log.jsonl")          # + ablate.json, shift*.json
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,7 +111,7 @@ def reference(study, method):
 # Resolved settings that do not change a run's result (where it writes, how often it logs, shorthands
 # already expanded into the settings they stand for).
 NOT_RESULT = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "compile", "preset_reason",
-              "ddil", "reflected"}
+              "reevaluate", "ddil", "reflected"}
 # Settings a table's header names as held fixed (when equal across its rows), in this order.
 HEADLINE = ("dataset", "data_dir", "iters", "batch_size", "lr", "guidance", "steps", "eval_samples", "buffer_size",
             "buffer_refresh", "rollout_chunk", "max_age", "prior_warmup", "expert_prob", "teacher_rollout_steps",
@@ -158,14 +161,16 @@ class Run:
         return os.path.join(results, "records", self.name)
 
 
-def plan(methods, studies, preset, seeds, extra):
+def plan(methods, studies, preset, seeds, extra, only=None):
     """The grid as runs, deduplicated by identity (rows shared between studies are one run), and
-    {(study, method): [(setting, {seed: Run})]} for the tables."""
+    {(study, method): [(setting, {seed: Run})]} for the tables. only: the row names to keep (None: all)."""
     runs, tables = {}, {}
     for method in methods:
         for study in studies:
             rows = []
             for setting, flags in grid(study, method):
+                if only and setting not in only:
+                    continue
                 by_seed = {}
                 for seed in seeds:
                     run = Run(method, flags, preset, seed, extra)
@@ -202,29 +207,194 @@ def is_done(run, results):
 
 
 def train_teacher(run):
-    """--teacher auto: train the grid's shared teacher once, before any run (a subprocess, as a user)."""
+    """--teacher auto: train the grid's shared teacher once, before any run (a subprocess, as a user). When
+    another ablate.py is training it already (its run directory is locked: exit 75), wait for that one."""
     import teacher
     args = argparse.Namespace(**run.config, device="auto", compile=False)
     path, _ = common.teacher_checkpoint(args)
     argv = [sys.executable, os.path.join(REPO, "teacher.py"), *teacher.auto_argv(args, os.path.dirname(path))]
     print("teacher first (shared by every run): " + " ".join(argv[1:]), flush=True)
-    if subprocess.run(argv).returncode != 0:
-        raise common.UserError(f"teacher training failed: {' '.join(argv[1:])}")
+    while True:
+        code = subprocess.run(argv).returncode
+        if code != 75:
+            break
+        print("the teacher is being trained by another process: waiting for it", flush=True)
+        time.sleep(15)
+    if code != 0:
+        raise common.UserError(f"teacher training failed (exit {code}): {' '.join(argv[1:])}")
 
 
-def execute(run, runs_dir, results):
-    """Train + evaluate one run (a subprocess, as a user would), then copy its small record."""
+class RunJob:
+    """Train + evaluate one run of a grid as a subprocess (the user's own command) and write its record.
+    Called in this process (local launcher) or in a submitit job (SLURM). Submitit calls `checkpoint` when
+    the job is preempted or about to time out: the run gets SIGTERM, saves at the next step boundary and
+    exits; the job is requeued and the run resumes from its ckpt.pt. Returns 'done', 'busy' (the run
+    directory is in use by another worker: exit 75) or raises with the run's exit status."""
+
+    def __init__(self, run, runs_dir, results, env=None, log=None):
+        self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
+        self.wall_s, self.attempts, self._proc = 0.0, 0, None
+
+    def __call__(self):
+        if is_done(self.run, self.results):             # finished by another worker meanwhile
+            return "done"
+        out = os.path.join(self.runs_dir, self.run.name)
+        cmd = [sys.executable, os.path.join(REPO, self.run.argv[0]), *self.run.argv[1:], "--out", out]
+        os.makedirs(out, exist_ok=True)
+        log = open(self.log, "a") if self.log else None
+        t0, self.attempts = time.time(), self.attempts + 1
+        try:
+            self._proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(self.env or {})},
+                                          stdout=log, stderr=subprocess.STDOUT if log else None)
+            code = self._proc.wait()
+        finally:
+            self._proc = None
+            self.wall_s += time.time() - t0
+            if log:
+                log.close()
+        if code == 75:
+            return "busy"
+        if code != 0:
+            raise RuntimeError(f"run failed (exit {code}): {' '.join(cmd[1:])}" + (f"; see {self.log}" if self.log else ""))
+        if not os.path.isfile(os.path.join(out, "metrics.json")):
+            raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
+        save_record(self.run, out, self.results, dict(wall_s=self.wall_s, attempts=self.attempts))
+        return "done"
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's preemption / timeout hook: stop the run at a step boundary, then requeue this job."""
+        from submitit.helpers import DelayedSubmission
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)             # the run saves its checkpoint and exits 130
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return DelayedSubmission(self)
+
+    def __getstate__(self):                             # pickled by submitit: no process handle
+        return {**self.__dict__, "_proc": None}
+
+
+def run_state(run, runs_dir, results):
+    """done (record), running (its run directory is locked by a live process), else what its submitit job
+    says: queued, failed (finished without a record) or lost (no job, or one that is gone)."""
+    if is_done(run, results):
+        return "done"
     out = os.path.join(runs_dir, run.name)
-    cmd = [sys.executable, os.path.join(REPO, run.argv[0]), *run.argv[1:], "--out", out]
-    print("running: " + " ".join(cmd[1:]), flush=True)
-    t0 = time.time()
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        raise common.UserError(f"run failed (exit {r.returncode}): {' '.join(cmd[1:])}; fix it and rerun ablate.py "
-                               "(finished runs are kept)")
-    if not os.path.isfile(os.path.join(out, "metrics.json")):
-        raise common.UserError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-    save_record(run, out, results, dict(wall_s=time.time() - t0))
+    if os.path.isfile(os.path.join(out, "lock")):
+        try:
+            import fcntl
+            with open(os.path.join(out, "lock")) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return "running"
+    job_file = os.path.join(out, "submitit", "job.json")
+    if not os.path.isfile(job_file):
+        return "todo"
+    job = read_json(job_file)
+    try:
+        import submitit
+        if job["cluster"] == "slurm":
+            state = submitit.SlurmJob(os.path.dirname(job_file), job["job_id"]).state
+        else:
+            state = submitit.local.local.LocalJob(os.path.dirname(job_file), job["job_id"]).state
+    except Exception:                                   # no sacct here, a purged job ...
+        return "lost"
+    if state in ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED"):
+        return "queued"
+    if state in ("RUNNING", "COMPLETING"):
+        return "running"
+    return "failed" if state in ("FINISHED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+                                 "NODE_FAIL", "PREEMPTED", "INTERRUPTED") else "lost"
+
+
+def launch_local(todo, args):
+    """Up to --jobs runs at once, each a subprocess pinned to its own GPU (--gpus, CUDA_VISIBLE_DEVICES) or,
+    on a CPU, to its share of the threads (--threads, OMP_NUM_THREADS): a thread pool hands out the runs.
+    One line per finished run: done / running / left and the estimated time left."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    gpus = queue.Queue()
+    for g in args.gpus or [None] * args.jobs:
+        gpus.put(g)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    quiet = args.jobs > 1                               # parallel runs log to <run>/stdout.log, not the console
+    walls, failed, busy = [], [], []
+    state, lock = dict(done=0, running=0), threading.Lock()
+
+    def one(run):
+        gpu = gpus.get()
+        with lock:
+            state["running"] += 1
+        env = {"OMP_NUM_THREADS": str(threads)} | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
+        log = os.path.join(args.runs, run.name, "stdout.log") if quiet else None
+        t0 = time.time()
+        try:
+            if not quiet:
+                print(f"running: {run.name} ({' '.join(run.settings)}): {' '.join(run.argv)}", flush=True)
+            return run, RunJob(run, args.runs, args.results, env, log)(), time.time() - t0
+        finally:
+            with lock:
+                state["running"] -= 1
+            gpus.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(one, run) for run in todo]
+        for future in as_completed(futures):
+            try:
+                run, outcome, wall = future.result()
+            except RuntimeError as e:
+                failed.append(str(e))
+                print(f"FAILED: {e}", flush=True)
+                continue
+            (walls if outcome == "done" else busy).append(wall if outcome == "done" else run.name)
+            state["done"] += 1
+            left = len(todo) - state["done"] - len(failed) - state["running"]
+            eta = np.mean(walls) * (left + state["running"]) / args.jobs if walls else math.nan
+            what = "finished" if outcome == "done" else "in use by another worker: left to it"
+            print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
+                  f"eta {common._hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
+                  flush=True)
+    if failed:
+        raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
+    return busy
+
+
+def launch_submitit(todo, args):
+    """One submitit job per run (SLURM, or --cluster local for processes on this machine); each job's
+    stdout/stderr and pickles live in <runs>/<run>/submitit/. Preempted or timed-out jobs requeue (RunJob).
+    Without --wait this submits and returns; rerunning ablate.py reports the grid and resubmits what failed
+    or got lost."""
+    import submitit
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # unpickling
+    params = dict(timeout_min=args.time, gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
+                  name="ddil", slurm_partition=args.partition, slurm_account=args.account, slurm_signal_delay_s=120,
+                  local_signal_delay_s=args.signal_delay)
+    params.update(args.slurm)
+    jobs = []
+    for run in todo:
+        folder = os.path.join(args.runs, run.name, "submitit")
+        executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.requeues,
+                                         local_max_num_timeout=args.requeues)
+        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        job = executor.submit(RunJob(run, args.runs, args.results))
+        write_json(os.path.join(folder, "job.json"), dict(job_id=job.job_id, cluster=executor.cluster, time=time.time()))
+        print(f"submitted {run.name} ({' '.join(run.settings)}): job {job.job_id}", flush=True)
+        jobs.append((run, job))
+    if not args.wait:
+        return
+    failed = []
+    for i, (run, job) in enumerate(jobs, 1):
+        try:
+            outcome = job.result()
+        except Exception as e:                          # the job's own traceback is in its stderr file
+            failed.append(f"{run.name}: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+            outcome = "failed"
+        print(f"[{i}/{len(jobs)}] {run.name}: {outcome}", flush=True)
+    if failed:
+        raise common.UserError(f"{len(failed)} job(s) failed (logs in <runs>/<run>/submitit/): " + " | ".join(failed))
 
 
 def save_record(run, out, results, timing):
@@ -269,47 +439,58 @@ def paired_delta(values, ref_values):
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d)
 
 
+def split_key(key):
+    """'fid10k_train' -> ('fid', '10k', '_train'); None for a key that is no table metric (METRICS order)."""
+    for p in METRICS:
+        rest = key[len(p):]
+        if key.startswith(p) and rest[:1].isdigit():
+            count = rest.split("_")[0]
+            return p, count, rest[len(count):]
+    return None
+
+
 def columns(results):
-    """{prefix: full metric key} over every run of a table: one key per column; a prefix found under two
-    keys (rows evaluated at different sample counts or references) is an error, never a mixed column."""
+    """{column: full metric key} over every run of a table, a column being a metric and its reference
+    without the sample count ('teacher_mse_exact256'), in METRICS order. The same column under two counts
+    (rows evaluated with different sample counts) is an error, never a mixed column."""
     found = {}
     for by_seed in results.values():
         for row in by_seed.values():
             for key in row:
-                for p in METRICS:
-                    if key.startswith(p) and key[len(p):len(p) + 1].isdigit():
-                        found.setdefault(p, set()).add(key)
-    mixed = {p: sorted(k) for p, k in found.items() if len(k) > 1}
+                parts = split_key(key)
+                if parts:
+                    found.setdefault(parts[0] + parts[2], set()).add(key)
+    mixed = [sorted(k) for k in found.values() if len(k) > 1]
     if mixed:
-        raise common.UserError("rows of one table were evaluated differently: "
-                               + "; ".join(" vs ".join(k) for k in mixed.values())
+        raise common.UserError("rows of one table were evaluated differently: " + "; ".join(" vs ".join(k) for k in mixed)
                                + " (FID and friends are never compared across sample counts)")
-    return {p: found[p].pop() for p in METRICS if p in found}
+    order = {p: i for i, p in enumerate(METRICS)}
+    return {c: found[c].pop() for c in sorted(found, key=lambda c: (order[split_key(next(iter(found[c])))[0]], c))}
 
 
 def summarise(results, ref):
     """results: {setting: {seed: {key: value}}} -> (rows of mean/std and paired deltas to `ref`, the
-    {prefix: key} columns)."""
+    {column: key} columns)."""
     cols = columns(results)
     rows = []
     for setting, by_seed in results.items():
         row = {"setting": setting, "seeds": ",".join(str(s) for s in sorted(by_seed))}
-        for p in list(cols) + ["wall_min"]:
-            key = cols.get(p, p)
+        for c in list(cols) + ["wall_min"]:
+            key = cols.get(c, c)
             vals = [r[key] for r in by_seed.values() if key in r]
             if vals:
-                row[p] = float(np.mean(vals))
-                row[p + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                row[c] = float(np.mean(vals))
+                row[c + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         drifts = [r["drift"] for r in by_seed.values() if "drift" in r]
         if drifts and len({len(d) for d in drifts}) == 1:
             row["drift"] = np.mean(drifts, axis=0).tolist()
-        for p in DELTA_METRICS:
-            if setting != ref and ref in results and p in cols:
-                x = {s: r[cols[p]] for s, r in by_seed.items() if cols[p] in r}
-                y = {s: r[cols[p]] for s, r in results[ref].items() if cols[p] in r}
+        for c, key in cols.items():
+            if setting != ref and ref in results and split_key(key)[0] in DELTA_METRICS:
+                x = {s: r[key] for s, r in by_seed.items() if key in r}
+                y = {s: r[key] for s, r in results[ref].items() if key in r}
                 if x and y:
                     mean, lo, hi, n = paired_delta(x, y)
-                    row[f"d_{p}"], row[f"d_{p}_lo"], row[f"d_{p}_hi"] = mean, lo, hi
+                    row[f"d_{c}"], row[f"d_{c}_lo"], row[f"d_{c}_hi"] = mean, lo, hi
         rows.append(row)
     return rows, cols
 
@@ -333,8 +514,8 @@ def _short(v):
 def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{study}-{method}")
-    metrics = [p for p in list(cols) + ["wall_min"] if any(p in r for r in rows)]
-    deltas = [p for p in DELTA_METRICS if any(f"d_{p}" in r for r in rows)]
+    metrics = [c for c in list(cols) + ["wall_min"] if any(c in r for r in rows)]
+    deltas = [c for c in cols if any(f"d_{c}" in r for r in rows)]
     with open(stem + ".csv", "w", newline="") as f:
         keys = ["setting", "seeds"] + [k for m in metrics for k in (m, m + "_std")] + \
                [k for m in deltas for k in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")]
@@ -342,7 +523,9 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
         w.writerow({k: cols.get(k, k) for k in keys})          # header: the full metric keys
         w.writerows(rows)
     fixed, varied = held_fixed(configs)
-    scale = "SMOKE-SCALE EXAMPLE (tiny UNet, synthetic data, minutes of CPU): not results." if preset == "smoke" else ""
+    scale = {"smoke": "SMOKE-SCALE EXAMPLE (tiny UNet, synthetic data, minutes of CPU): not results.",
+             "gmm": "The exact benchmark (gmm.py): a Gaussian-mixture data set with closed-form metrics; "
+                    "`_exact` metrics are exact for the samples scored (see gmm.py for how to read each)."}.get(preset, "")
     n_seeds = len(seeds)
     lines = [f"# Ablation `{study}` — {method} (preset {preset}, seeds {','.join(map(str, seeds))})", "",
              scale, "",
@@ -412,16 +595,24 @@ def covariate_shift(out, n=256, ref_steps=64, device="cpu", memo=None):
     rollout states. The teacher's x̂_0 at a state is the end of its CFG DDIM trajectory from that state
     (`ref_steps` per unit time, no thresholding: one reference for every student): what a distilled
     student imitates (PD, LCM), rather than the one-shot posterior mean, which no few-step student
-    predicts. memo: a dict reused across students of one teacher (the forward states and their teacher
-    ends do not depend on the student). Returns (gap_fwd, gap_own), one value per step."""
+    predicts. On the exact benchmark (--dataset gmm) the teacher is the exact one (gmm.py), its trajectory
+    the exact ODE's (gmm.ode_grid). memo: a dict reused across students of one teacher (the forward states
+    and their teacher ends do not depend on the student). Returns (gap_fwd, gap_own), one value per step."""
     memo = {} if memo is None else memo
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), device)
     cfg = ckpt["config"]
     method = importlib.import_module(f"ddil_{read_json(os.path.join(out, 'config.json'))['method']}")
     x0_fn, times, stochastic = method.make_student(ckpt, device)
-    teacher, _ = common.load_teacher(cfg["teacher_path"], device)
+    if cfg["dataset"] == "gmm":
+        import eval as evaluation
+        import gmm
+        teacher, grid = common.ExactTeacher(), gmm.ode_grid()
+        tail = lambda t: evaluation.grid_tail(grid, t)
+    else:
+        teacher, _ = common.load_teacher(cfg["teacher_path"], device)
+        tail = lambda t: common.fine_grid(t, 0.0, ref_steps)
     teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, cfg["guidance"])
-    teacher_end = lambda z, t, y: common.sample(teacher_fn, z, y, common.fine_grid(t, 0.0, ref_steps))
+    teacher_end = lambda z, t, y: common.sample(teacher_fn, z, y, tail(t))
     key = (cfg["teacher_path"], cfg["guidance"], cfg["dataset"], cfg.get("data_dir"), n, ref_steps)
     if key not in memo:
         memo[key] = {"data": common.Dataset(*common.load_images(cfg["dataset"], cfg.get("data_dir")), device)}
@@ -505,6 +696,16 @@ def _list(choices, what):
     return parse
 
 
+def _key_value(s):
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{s!r}: give KEY=VALUE, e.g. slurm_qos=high")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def parse_args(argv=None):
     p = common.Parser(description=__doc__.split("\n\n")[0],
                       epilog="Arguments after `--` go to every run, e.g. `-- --iters 2000 --eval-samples 10000`.")
@@ -515,14 +716,41 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=("auto",) + PRESETS, default="auto",
                    help="preset of every run (auto: cifar10 with CUDA, else smoke)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="ROW,...",
+                   help="only these rows of the study (e.g. baseline,ddil); the tables then show only them")
     p.add_argument("--runs", default=os.path.join("runs", "ablate"),
                    help="where runs train (checkpoints; not committed)")
     p.add_argument("--results", default="ablations",
                    help="where tables, plots and the per-run records (records/<run>/) go")
     p.add_argument("--shift-samples", type=common._count, default=None,
-                   help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 32, cifar10 1000)")
-    p.add_argument("--device", default="auto", help="device for the diagnostic (runs pick their own)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs (and which are done) and exit")
+                   help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 32, gmm 200, "
+                        "cifar10 1000)")
+    p.add_argument("--device", default="auto", help="device for the shared caches and the diagnostic (runs pick their own)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state (done, running, ...) and exit")
+    g = p.add_argument_group("launching the runs")
+    g.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: subprocesses on this machine, --jobs at a time; slurm: one submitit job per run")
+    g.add_argument("--jobs", type=common._positive_int, default=1, help="local: runs at once")
+    g.add_argument("--gpus", type=lambda s: [int(g) for g in s.split(",")], default=None, metavar="0,1,...",
+                   help="local: the GPUs to spread the runs over, one run per GPU at a time (sets --jobs to their number)")
+    g.add_argument("--threads", type=common._positive_int, default=None,
+                   help="local: CPU threads per run (OMP_NUM_THREADS; default: the cores divided by --jobs)")
+    g.add_argument("--partition", default=None, help="slurm: partition")
+    g.add_argument("--account", default=None, help="slurm: account")
+    g.add_argument("--time", type=float, default=24 * 60, help="slurm: time limit of a job in minutes (it requeues "
+                                                               "itself and resumes when it runs out)")
+    g.add_argument("--gpus-per-job", type=common._count, default=1, help="slurm: GPUs per job")
+    g.add_argument("--cpus-per-job", type=common._positive_int, default=8, help="slurm: CPUs per job")
+    g.add_argument("--slurm", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other submitit executor parameter, repeatable, e.g. --slurm slurm_qos=high "
+                        "--slurm slurm_constraint=a100 --slurm 'slurm_setup=[\"module load cuda\"]'")
+    g.add_argument("--requeues", type=common._count, default=10,
+                   help="slurm: how many times a preempted or timed-out job is requeued")
+    g.add_argument("--signal-delay", type=common._positive_int, default=120,
+                   help="slurm: seconds before the time limit at which a job saves and requeues")
+    g.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
+                   help="slurm: submit to SLURM; local: submitit's local executor (jobs as processes here, for tests)")
+    g.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and write the tables")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -535,7 +763,10 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shift_samples is None:
-        args.shift_samples = 32 if args.preset == "smoke" else 1000
+        args.shift_samples = {"smoke": 32, "gmm": 200}.get(args.preset, 1000)
+    if args.gpus:
+        args.jobs = len(args.gpus)
+    args.slurm = dict(args.slurm)
     if any(a.split("=")[0] in ("--out", "--seed", "--preset") for a in extra):
         p.error("arguments after `--` may not set --out, --seed or --preset (ablate.py sets them)")
     return args, extra
@@ -543,24 +774,44 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, extra = parse_args(argv)
-    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra)
+    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+    if not runs:
+        raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
     if any(run.teacher is None for run in runs):
         if args.dry_run:
             print("the grid's teacher (--teacher auto) is not trained yet: it is trained first; run names below "
                   "will change once it exists")
         else:
             train_teacher(next(run for run in runs if run.teacher is None))
-            runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra)
-    todo = [run for run in runs if not is_done(run, args.results)]
-    print(f"grid: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run)", flush=True)
-    for run in runs:
-        if args.dry_run:
-            print(f"{'done' if run not in todo else 'todo'}  {run.name}  {' '.join(run.settings)}  "
-                  f"{' '.join(run.argv)}")
+            runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+    states = {run.name: run_state(run, args.runs, args.results) for run in runs}
+    counts = {s: list(states.values()).count(s) for s in dict.fromkeys(states.values())}
+    print(f"grid: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
     if args.dry_run:
+        for run in runs:
+            print(f"{states[run.name]:8} {run.name}  {' '.join(run.settings)}  {' '.join(run.argv)}")
         return None
-    for run in todo:
-        execute(run, args.runs, args.results)
+    todo = [run for run in runs if states[run.name] in ("todo", "failed", "lost")]
+    if todo:
+        shared = {}                                     # made once, before the fan-out: never raced
+        for run in todo:
+            cfg = {**run.config, "teacher_path": run.teacher and run.teacher["path"]}
+            shared.setdefault(json.dumps({k: cfg.get(k) for k in ("dataset", "data_dir", "preset", "eval_samples",
+                                                                   "teacher_path", "guidance", "amp")}), cfg)
+        import eval as evaluation
+        for cfg in shared.values():
+            print(f"shared caches for {cfg['dataset']} (reference statistics, classifier, teacher reference samples)",
+                  flush=True)
+            evaluation.prepare_shared(cfg, args.device)
+        if args.launcher == "local":
+            launch_local(todo, args)
+        else:
+            launch_submitit(todo, args)
+    unfinished = [run.name for run in runs if not is_done(run, args.results)]
+    if unfinished:
+        print(f"{len(unfinished)} of {len(runs)} runs not finished yet (queued, running elsewhere or failed): rerun "
+              "this command to see their state, resubmit what failed and write the tables once all are done", flush=True)
+        return runs
     for (study, method), rows in tables.items():
         results = {setting: {s: read_record(run, args.results) for s, run in by_seed.items()} for setting, by_seed in rows}
         ref = reference(study, method)

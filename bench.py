@@ -3,6 +3,7 @@
     python bench.py                                  # CPU, smoke-sized networks, a few minutes
     python bench.py --device cuda --quick            # one GPU, cifar10-sized networks
     python bench.py --device cuda --write BENCHMARKS.md
+    python bench.py --first-run                      # the README's main command on a fresh clone, timed
 
 What it measures (each training figure is the scripts' own loop, called in-process, with a
 random-weight teacher of the preset's size and synthetic data: speed does not depend on either):
@@ -62,6 +63,9 @@ def parse_args(argv=None):
                    help="alternating baseline / --ddil runs per method (ratio of the fastest of each is the DDIL overhead)")
     p.add_argument("--compile", action="store_true", help="pass --compile to every training run")
     p.add_argument("--write", metavar="PATH", help="also write the tables into this Markdown file (e.g. BENCHMARKS.md)")
+    p.add_argument("--first-run", action="store_true",
+                   help="time the README's main command (python ddil_dmd2.py --ddil --reflected) from nothing: a fresh "
+                        "clone of this repository's HEAD and an empty cache (teacher, distillation, evaluation)")
     args = p.parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -209,8 +213,33 @@ def machine(device):
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def first_run():
+    """Wall-clock seconds of the README's main command on a fresh clone (git clone of HEAD into a temporary
+    folder, DDIL_CACHE empty): everything a new user waits for, teacher included. Prints its last lines."""
+    import subprocess
+    repo = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="ddil-first-run-") as d:
+        subprocess.run(["git", "clone", "-q", repo, os.path.join(d, "repo")], check=True)
+        env = {**os.environ, "DDIL_CACHE": os.path.join(d, "cache")}
+        shared = os.path.join(repo, "..", "shared", "weights", "alexnet_features_imagenet.pt")   # offline LPIPS
+        if os.path.isfile(shared):
+            env.setdefault("DDIL_LPIPS_BACKBONE", os.path.abspath(shared))
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "ddil_dmd2.py", "--ddil", "--reflected"], cwd=os.path.join(d, "repo"),
+                           env=env, capture_output=True, text=True)
+        wall = time.time() - t0
+    if r.returncode != 0:
+        raise common.UserError(f"the first run failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+    print("\n".join(r.stdout.strip().splitlines()[-3:]))
+    print(f"first run (python ddil_dmd2.py --ddil --reflected on a fresh clone, empty cache): {wall:.0f} s wall "
+          f"on {machine('cpu')}")
+    return wall
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.first_run:
+        return first_run()
     import ddil_dmd2
     import ddil_lcm
     import ddil_pd

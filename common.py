@@ -18,12 +18,15 @@ import math
 import os
 import platform
 import signal
+import sys
 import time
 import zipfile
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+import gmm
 
 NUM_CLASSES = 10
 NULL_CLASS = 10
@@ -35,6 +38,16 @@ T_MAX = 1.0 - T_MIN
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by `run_main`, never as a traceback."""
+
+
+class Busy(UserError):
+    """The run directory is in use by another live process: exit status 75 (EX_TEMPFAIL), which ablate.py
+    reads as "running elsewhere", not as a failure."""
+
+
+class Stopped(Exception):
+    """A run stopped by Ctrl-C / SIGTERM after saving its checkpoint: `run_main` exits with status 130, as
+    shells expect, so that `python ddil_pd.py && python eval.py ...` does not go on."""
 
 
 # --- Diffusion conventions (DESIGN §3) ---
@@ -106,6 +119,23 @@ def denoise(net, z, t, y, guidance=1.0, clip=(None, 0.995)):
         v = v_uncond + guidance * (v_cond - v_uncond)
     x0, _ = to_x0_eps(z, t, v)
     return threshold(x0, *clip)
+
+
+class ExactTeacher(torch.nn.Module):
+    """The exact benchmark's denoiser E[x_0 | z_t, y] (gmm.py, closed form, float64) as a v-prediction
+    network, v = (alpha_t z - x̂_0) / sigma_t: it goes wherever a teacher network goes (`denoise` inverts
+    it exactly, classifier-free guidance included; label NULL_CLASS is the unconditional mixture)."""
+
+    def __init__(self, seed=0, mixture=None):
+        super().__init__()
+        self.mixture = mixture or gmm.mixture(seed)
+
+    def forward(self, z, t, y):
+        t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
+        alpha, sigma = alpha_sigma(t)
+        x0 = self.mixture.denoise(z, alpha, sigma, y).to(z.device)
+        alpha, sigma = (_bc(a.double().to(z.device), z) for a in (alpha, sigma))
+        return ((alpha * z.double() - x0) / sigma).to(z.dtype)
 
 
 # --- Sampler loop: shared by evaluation and by the DDIL rollouts, so they cannot drift ---
@@ -460,8 +490,12 @@ def image_folder(path, split="train", limit=None):
         names = [names[i] for i in np.linspace(0, len(names) - 1, min(limit, len(names))).round().astype(int)]
     images = []
     for n in names:
-        with read(n) as f:
-            images.append(np.asarray(Image.open(f).convert("RGB").resize((32, 32))))
+        try:
+            with read(n) as f:
+                images.append(np.asarray(Image.open(f).convert("RGB").resize((32, 32))))
+        except Exception as e:         # not an image, truncated, a bad CRC in the zip ...
+            raise UserError(f"--data-dir {path}: {n} is not a readable image ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:80] if str(e) else ''})") from None
     labels = np.array([classes.index(n.split("/")[1]) for n in names], dtype=np.int64)
     return np.stack(images).transpose(0, 3, 1, 2).copy(), labels
 
@@ -474,6 +508,8 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
         x, y = image_folder(data_dir, split, limit)
     elif dataset == "synthetic":
         x, y = synthetic_dataset(5000 if split == "train" else 1000, seed=0 if split == "train" else 1)
+    elif dataset == "gmm":        # the exact benchmark's mixture (gmm.py), sampled once, quantised like images
+        x, y = (v.numpy() for v in gmm.dataset(50_000 if split == "train" else 10_000, split))
     elif dataset == "cifar10":
         import torchvision
         root = os.environ.get("DDIL_CIFAR_ROOT", "data")
@@ -485,7 +521,7 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
                             "../shared/data/cifar10-jpeg-train.zip) or --dataset synthetic") from None
         x, y = ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64)
     else:
-        raise UserError(f"--dataset {dataset}: unknown (choose cifar10 or synthetic, or give --data-dir)")
+        raise UserError(f"--dataset {dataset}: unknown (choose cifar10, synthetic or gmm, or give --data-dir)")
     if limit is not None and len(x) > limit:
         x, y = x[:limit], y[:limit]
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -534,6 +570,9 @@ def load_teacher(path, device):
     ckpt = load_checkpoint(path, device)
     if "unet" not in ckpt or "ema" not in ckpt.get("nets", {}):
         raise UserError(f"--teacher {path}: not a teacher checkpoint (no 'unet' config / 'ema' weights)")
+    if "model" not in ckpt["nets"]:           # students keep "student" (and critic / target / round teacher)
+        raise UserError(f"--teacher {path}: a distilled student's checkpoint (networks {', '.join(ckpt['nets'])}), "
+                        "not a teacher's; give a teacher.py checkpoint")
     net = build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     return net.eval().requires_grad_(False), ckpt
@@ -599,9 +638,16 @@ def set_rng_state(state):
 # --- Checkpoints: one dict, written atomically, resumed automatically ---
 
 def save_checkpoint(path, state):
-    """torch.save to `path.tmp`, fsync, then rename over `path`: a kill at any moment leaves either
-    the old or the new checkpoint, never a half-written one."""
-    tmp = path + ".tmp"
+    """torch.save to `path.<pid>.tmp`, fsync, then rename over `path`: a kill at any moment leaves either
+    the old or the new checkpoint, never a half-written one, and two processes writing one cache entry
+    never share a temporary file. Non-finite network weights are never saved: the last good checkpoint
+    stays as it was."""
+    for name, net in (state.get("nets") or {}).items():
+        for k, v in (net or {}).items():
+            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+                raise UserError(f"step {state.get('step')}: non-finite weights in {name}.{k}; not saved, the last good "
+                                f"checkpoint {path} is kept (the run diverged: lower --lr)")
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -632,9 +678,12 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:           # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step ...", flush=True)
+        if self.requested:           # second Ctrl-C: stop now, without the step's checkpoint
+            print(f"\n{signal.Signals(signum).name} again: stopped without saving this step; the last checkpoint "
+                  "is kept", flush=True)
+            raise SystemExit(130)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+              "(Ctrl-C again: stop now) ...", flush=True)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -642,26 +691,82 @@ class GracefulStop:
             signal.signal(s, h)
 
 
+# --- Saying up front what a command will do ---
+
+# Rough wall-clock minutes per phase: smoke and gmm measured on a 2-core CPU (README, "First run" and
+# "The exact benchmark"), cifar10 estimated for one H100 from FLOP counts (README). Printed, never used.
+ETA_MIN = {"smoke": dict(teacher=0.7, pd=0.5, lcm=0.5, dmd2=0.7, eval=1, first_eval=1.5),
+           "gmm": dict(teacher=18, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
+           "cifar10": dict(teacher=60, pd=60, lcm=35, dmd2=75, eval=5, first_eval=10)}
+
+
+def announce(args, method):
+    """One line before anything runs: what this command will do, in order, and roughly how long."""
+    eta = ETA_MIN.get(args.preset, {})
+    about = lambda phase: f" (~{eta[phase]:g} min)" if phase in eta else ""
+    steps = []
+    if method != "teacher":
+        path, done = teacher_checkpoint(args)
+        if not done:
+            steps.append(f"train the teacher into {os.path.dirname(path)}{about('teacher')}")
+    steps.append(f"train {method}: {args.iters} iterations{about(method)}")
+    if args.eval_samples:
+        first = not os.path.isfile(os.path.join(args.out, "metrics.json"))
+        steps.append(f"evaluate {args.eval_samples} samples{about('first_eval' if first else 'eval')}"
+                     + (" (the first evaluation also makes the cached reference statistics)" if first else ""))
+    where = "one H100, estimated" if args.preset == "cifar10" else "2-core CPU, measured"
+    print(f"plan: {'; then '.join(steps)} [times: {where}]", flush=True)
+
+
 # --- The end of every training step, and of every run (shared by the four training scripts) ---
+
+def check_finite(step, **values):
+    """A non-finite loss or gradient norm ends the run with one line naming the step, before the optimiser
+    applies it: the last good checkpoint stays as it was. One host sync for all values."""
+    v = torch.stack([torch.as_tensor(x, dtype=torch.float32, device="cpu" if not isinstance(x, torch.Tensor)
+                                     else x.device).reshape(()) for x in values.values()])
+    if not bool(torch.isfinite(v).all()):
+        bad = ", ".join(f"{k} {float(x):g}" for k, x in zip(values, v.tolist()) if not math.isfinite(x))
+        raise UserError(f"step {step + 1}: {bad}: the run diverged (lower --lr); nothing past the last checkpoint "
+                        "was saved")
+
 
 def end_of_step(args, step, save, stop, evaluate):
     """Checkpoint every --save-every steps, at the last step and on a stop request; call evaluate()
-    (the script's metrics.json writer) every --eval-every steps. Returns True when the loop must stop
-    (Ctrl-C / SIGTERM)."""
+    (the script's metrics.json writer) every --eval-every steps. Raises Stopped after saving when
+    Ctrl-C / SIGTERM asked the loop to stop."""
     due = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples)
     if step % args.save_every == 0 or step == args.iters or stop.requested or due:
         save()                                   # the evaluation reads the checkpoint
     if due:
         evaluate()
     if stop.requested:
-        print(f"stopped at step {step}; rerun the same command to resume")
-    return stop.requested
+        raise Stopped(f"stopped at step {step}; rerun the same command to resume")
+
+
+def finished(args, step):
+    """Whether the run in args.out was already finished (step == --iters, samples.png, and metrics.json's
+    evaluation with --eval-samples at that step): rerunning it then does nothing but say so."""
+    if step < args.iters or args.reevaluate or not os.path.isfile(os.path.join(args.out, "samples.png")):
+        return False
+    if args.eval_samples:
+        path = os.path.join(args.out, "metrics.json")
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            if json.load(f).get("evals", {}).get(str(args.eval_samples), {}).get("step") != step:
+                return False
+    print(f"{args.out} is finished (step {step}); nothing to do (--reevaluate redoes its samples and metrics; "
+          f"python eval.py {args.out} --samples N evaluates it at another count)")
+    return True
 
 
 def finish(args, ckpt_path, make_generator, evaluate):
     """samples.png (class-by-seed grid) and, with --eval-samples, evaluate() (metrics.json) of a
     finished run. make_generator(ckpt, device) -> generate(noise, labels, renoise)."""
     ckpt = load_checkpoint(ckpt_path, args.device)
+    if finished(args, ckpt["step"]):
+        return ckpt_path
     with autocast(args):
         class_grid(make_generator(ckpt, args.device), args.device, os.path.join(args.out, "samples.png"))
     if args.eval_samples:
@@ -679,12 +784,59 @@ def versions():
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "host": platform.node()}
 
 
+# Resolved flags that may change when a run is resumed: where and how often it logs, saves and evaluates.
+RESUMABLE = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "eval_samples", "compile",
+             "preset_reason", "reevaluate", "teacher", "versions"}
+_LOCKS = {}                     # run directory -> its open lock file: held for the life of the process
+
+
+def lock_run_dir(out):
+    """One writer per run directory: an exclusive flock on <out>/lock for the life of this process (taken
+    once per process: in-process reruns, as tests and bench.py make, keep it). The kernel releases it when
+    the process dies, however it dies, so a killed run never leaves it stuck."""
+    import fcntl
+    if os.path.realpath(out) in _LOCKS:
+        return
+    f = open(os.path.join(out, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise Busy(f"{out} is in use by {owner}; wait for it or give another --out") from None
+    f.seek(0), f.truncate(), f.write(f"pid {os.getpid()} on {platform.node()}"), f.flush()
+    _LOCKS[os.path.realpath(out)] = f
+
+
+def _settings(config):
+    return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
+
+
 def prepare_run(args, method):
-    """Create the run directory, write config.json (every resolved flag plus library versions) and
-    return the path of its checkpoint. The first log line says which preset is in force."""
-    os.makedirs(args.out, exist_ok=True)
-    print(f"{method}: preset {args.preset} on {args.device} ({args.preset_reason}); run directory {args.out}")
+    """Create (or claim) the run directory and write config.json (every resolved flag plus library
+    versions); return the path of its checkpoint. A run directory belongs to one method and one resolved
+    configuration: another method, or other settings than those it was started with, is a one-line
+    error before anything is written; so is a second live process on it (`lock_run_dir`). The first
+    log line says which preset is in force."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock_run_dir(args.out)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create or write the run directory ({e.strerror})") from None
     path = os.path.join(args.out, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("method") != method:
+            raise UserError(f"--out {args.out} holds a {old.get('method')} run, not a {method} one; give another --out")
+        new = _settings({"method": method, **vars(args)})
+        old = _settings(old)
+        diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        if diff:
+            raise UserError(f"--out {args.out} was started with other settings ({'; '.join(diff[:4])}"
+                            f"{'; ...' if len(diff) > 4 else ''}); resume it with its own, or give another --out")
+    print(f"{method}: preset {args.preset} on {args.device} ({args.preset_reason}); run directory {args.out}")
     with open(path + ".tmp", "w") as f:  # atomic: a run killed here never leaves an empty config.json
         json.dump({"method": method, **vars(args), "versions": versions()}, f, indent=2, default=str)
     os.replace(path + ".tmp", path)
@@ -699,7 +851,24 @@ class RunLog:
     def __init__(self, out_dir, total_steps, start_step=0):
         self.path = os.path.join(out_dir, "log.jsonl")
         self.total, self.t_last, self.s_last = total_steps, time.time(), start_step
-        self.acc = {}
+        self.t_print, self.acc = time.time(), {}
+        if os.path.isfile(self.path):      # resumed: drop lines written after the checkpoint (they recur)
+            with open(self.path) as f:
+                every = f.readlines()
+            lines = [line for line in every if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            if lines != every:                       # rewritten only when something is dropped
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(lines)
+                os.replace(self.path + ".tmp", self.path)
+
+    def tick(self, step, every=30.0):
+        """Called every step: a short progress line when nothing has been printed for `every` seconds
+        (long log intervals, slow machines), not written to log.jsonl."""
+        now = time.time()
+        if now - self.t_print >= every:
+            self.t_print = now
+            ms = 1000 * (now - self.t_last) / max(1, step - self.s_last)
+            print(f"step {step}/{self.total} | {ms:.0f} ms/it | eta {_hms(ms * (self.total - step) / 1000)}", flush=True)
 
     def add(self, **values):
         """Accumulate values (device tensors stay on the device) until the next write, which logs the
@@ -729,6 +898,7 @@ class RunLog:
         body = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
                           if k not in ("step", "time", "ms_per_it", "eta_s"))
         print(f"step {step}/{self.total} | {body} | {ms:.0f} ms/it | eta {_hms(rec['eta_s'])}", flush=True)
+        self.t_print = now
 
 
 def _fmt(v):
@@ -740,6 +910,27 @@ def _fmt(v):
 def _hms(seconds):
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def progress(iterable, desc, enabled=True, every=30.0):
+    """tqdm on a terminal; elsewhere (a log file, a pipe, a SLURM job) one line at least every `every`
+    seconds, so that a long phase is never silent."""
+    if not enabled:
+        return iterable
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, leave=False)
+    return _every(iterable, desc, every)
+
+
+def _every(iterable, desc, every):
+    total = len(iterable) if hasattr(iterable, "__len__") else "?"
+    t0 = last = time.time()
+    for i, x in enumerate(iterable, 1):
+        yield x
+        if time.time() - last >= every:
+            last = time.time()
+            print(f"{desc}: {i}/{total} ({last - t0:.0f} s)", flush=True)
 
 
 def save_grid(images, path, nrow=10):
@@ -762,11 +953,18 @@ def class_grid(generate, device, path, per_class=10, batch=100):
 
 # --- Command line: shared flags, presets, validation (DESIGN §4, §7) ---
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except 'None' (a preset's or another flag's value, which the help text names)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`prog: error: ...`, no usage dump) and defaults in --help."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(formatter_class=_Formatter, **kw)
 
     def error(self, message):
         raise SystemExit(f"{self.prog}: error: {message}")
@@ -813,14 +1011,28 @@ def _count(s):
     return 0 if s.strip() == "0" else _positive_int(s)
 
 
+def preset_help(p, presets):
+    """Name each preset's value in the --help of every flag it sets, '(preset: smoke 80, gmm 300, cifar10
+    40000)', so that the help shows the values a run will use. Call after the last add_argument."""
+    table = {name: {**values, **(DDIL_PRESETS.get(name, {}) if any(a.dest == "max_age" for a in p._actions) else {})}
+             for name, values in presets.items()}
+    for a in p._actions:
+        vals = [f"{name} {_compact(v)}" for name, v in ((n, t.get(a.dest)) for n, t in table.items()) if v is not None]
+        if vals and a.default is None and a.help:
+            a.help = a.help.replace(" (preset)", "") + f" (preset: {', '.join(vals)})"
+    return p
+
+
 def add_common_args(p, student=True):
     """Flags every script shares (DESIGN §7). Defaults of None come from the --preset."""
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=["auto", "smoke", "cifar10"], default="auto",
+    g.add_argument("--preset", choices=["auto", "smoke", "cifar10", "gmm"], default="auto",
                    help="smoke: tiny UNet on the synthetic set, minutes on a CPU; cifar10: the single-GPU "
-                        "configuration; auto: cifar10 when CUDA is present, else smoke")
-    g.add_argument("--dataset", choices=["cifar10", "synthetic"], default=None,
-                   help="training data (preset: cifar10 / synthetic); ignored when --data-dir is given")
+                        "configuration; gmm: the exact benchmark (--dataset gmm, gmm.py) sized for 2 CPU cores; "
+                        "auto: cifar10 when CUDA is present, else smoke")
+    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm"], default=None,
+                   help="training data: cifar10, synthetic (procedural shapes), gmm (the exact benchmark's Gaussian "
+                        "mixture, gmm.py) (preset); ignored when --data-dir is given")
     g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
                    help="image-folder dataset train/<class>/* as a directory or .zip (e.g. "
                         "../shared/data/cifar10-jpeg-train.zip); env DDIL_DATA_DIR")
@@ -828,7 +1040,9 @@ def add_common_args(p, student=True):
         g.add_argument("--teacher", default="auto",
                        help="teacher checkpoint PATH, or auto: reuse (or train with teacher.py) runs/teacher-<preset>-s0")
     g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale w of the teacher (1 = none) (preset)")
+                   help="classifier-free guidance scale w of the teacher: 1 = none (the conditional model), 0 = the "
+                        "unconditional model, between them weaker and above 1 stronger conditioning; w < 0 is refused "
+                        "(preset)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random in training")
     g.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
     g.add_argument("--out", default=None, help="run directory (default runs/<method>-<preset>-<settings>-s<seed>)")
@@ -846,6 +1060,8 @@ def add_common_args(p, student=True):
     g.add_argument("--eval-every", type=_count, default=None, help="iterations per evaluation, 0 = only at the end (preset)")
     g.add_argument("--eval-samples", type=_count, default=None,
                    help="samples for the metrics (fid<N>_train ...); 0 = no metrics (preset)")
+    g.add_argument("--reevaluate", action="store_true",
+                   help="redo samples.png and metrics.json of a finished run (else a finished run does nothing)")
     return p
 
 
@@ -923,6 +1139,16 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
     cuda = torch.cuda.is_available()
     if args.device == "auto":
         args.device = "cuda" if cuda else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: this code runs on cpu or cuda")
+    if device.type == "cuda" and not cuda:
+        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if args.preset == "auto":
         args.preset, args.preset_reason = ("cifar10", "auto: CUDA present") if cuda else ("smoke", "auto: no CUDA")
     else:
@@ -931,6 +1157,12 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.preset_dataset = presets[args.preset]["dataset"]
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: the learning rate must be > 0")
+    if not 0 <= args.ema < 1:
+        raise UserError(f"--ema {args.ema}: an EMA decay lies in [0, 1) (e.g. 0.999)")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UserError(f"--guidance {args.guidance}: w must be >= 0 (1 = no guidance, 0 = unconditional)")
     if args.data_dir:
         args.dataset = "folder"
     if hasattr(args, "ddil"):
@@ -953,7 +1185,8 @@ def _compact(v):
 
 
 # Preset values of the DDIL flags that every method shares (each script holds its other preset values).
-DDIL_PRESETS = {"smoke": dict(rollout_chunk=4, max_age=20), "cifar10": dict(rollout_chunk=256, max_age=100)}
+DDIL_PRESETS = {"smoke": dict(rollout_chunk=4, max_age=20), "cifar10": dict(rollout_chunk=256, max_age=100),
+                "gmm": dict(rollout_chunk=16, max_age=20)}
 
 
 def _resolve_ddil(args, default_source, sample_clip):
@@ -1004,8 +1237,18 @@ def dry_run(args):
 
 
 def run_main(main, argv=None):
-    """Run a script's main(); a UserError or an interrupted start becomes one line on stderr."""
+    """Run a script's main(); a UserError becomes one line on stderr (status 1), a stop one line and
+    status 130 (also a Ctrl-C before the training loop has started)."""
     try:
         return main(argv)
+    except Busy as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(75)
     except UserError as e:
         raise SystemExit(f"error: {e}")
+    except Stopped as e:
+        print(e, flush=True)
+        raise SystemExit(130)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130)

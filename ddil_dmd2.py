@@ -59,12 +59,16 @@ import eval as evaluation
 from common import alpha_sigma
 from teacher import ensure_teacher
 
+METHOD = "dmd2"
+
 # Preset values of every flag whose default is None (our choices, not tuned). A cifar10 iteration is
 # 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs, ~56 TFLOP with the baseline's
 # backward simulation: 6000 iterations take ~1-1.5 h on one H100 (an estimate; bench.py measures it).
 PRESETS = {
     "smoke": dict(dataset="synthetic", iters=20, batch_size=16, lr=1e-4, lr_critic=1e-4, ema=0.9,
                   guidance=1.5, log_every=5, save_every=10, eval_every=0, eval_samples=100),
+    "gmm": dict(dataset="gmm", iters=100, batch_size=16, lr=1e-4, lr_critic=1e-4, ema=0.95, guidance=1.0,
+                log_every=10, save_every=50, eval_every=0, eval_samples=1000),
     "cifar10": dict(dataset="cifar10", iters=6000, batch_size=128, lr=2e-5, lr_critic=2e-5, ema=0.999,
                     guidance=1.5, log_every=100, save_every=1000, eval_every=0, eval_samples=10_000),
 }
@@ -92,8 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--gan-critic-weight", type=float, default=1e-2,
                    help="weight of the head's loss softplus(-D(real)) + softplus(D(fake)) in the critic's loss "
                         "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
+    common.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, "dmd2", PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
+    common.resolve(p, args, METHOD, PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
     if not 0.0 <= args.min_t < args.max_t <= 1.0:
         raise common.UserError(f"--min-t {args.min_t} / --max-t {args.max_t}: need 0 <= min-t < max-t <= 1")
     if args.lr <= 0 or args.lr_critic <= 0:
@@ -117,8 +122,10 @@ def distribution_matching_loss(x, y, teacher, critic, guidance, t_min, t_max, cl
         x0_real = common.threshold(x0_real_raw, *clip_real)
         x0_fake = common.denoise(critic, z_t, t, y, 1.0, clip=clip_fake)        # fake score, no CFG
         p_real, p_fake = x - x0_real, x - x0_fake
-        grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
-        grad = torch.nan_to_num(grad)                      # mean|p_real| = 0 only if x is exactly denoised
+        # DMD2's code applies nan_to_num here for mean|p_real| = 0 (x exactly denoised); a floor on the weight
+        # covers that case without hiding a NaN coming from the scores themselves (the run then stops).
+        weight = p_real.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        grad = (p_real - p_fake) / weight
     # Surrogate: L = ½ mean_{b,c,h,w} (x - sg(x - grad))². Its gradient is (x - sg(x - grad)) / N with
     # N = B·C·H·W, i.e. autograd returns exactly grad / N (DMD2's reduction="mean"). The per-example
     # mean over C, H, W here and the batch mean at the call site make that N.
@@ -207,8 +214,9 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
+    common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, "dmd2")
+    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
@@ -276,6 +284,7 @@ def train(args):
 
             # Critic μ_fake (and the GAN head): n_fake updates on fresh generator samples, before G's update
             # so that the fake score has caught up with the current G when G uses it.
+            critic_sum = 0.0                            # NaN / inf in any critic update reaches it (no sync)
             for k in range(n_fake):
                 x_k, y_k = x_fake[k * B:(k + 1) * B], b["y"][B + k * B:B + (k + 1) * B]
                 with common.autocast(args):
@@ -289,7 +298,9 @@ def train(args):
                         loss_c = loss_c + args.gan_critic_weight * loss_gan_c
                 opt_c.zero_grad(set_to_none=True)
                 loss_c.backward()
-                log.add(critic_grad_norm=torch.nn.utils.clip_grad_norm_(critic_params, clip_norm))
+                critic_gnorm = torch.nn.utils.clip_grad_norm_(critic_params, clip_norm)
+                critic_sum = critic_sum + loss_c.detach() + critic_gnorm
+                log.add(critic_grad_norm=critic_gnorm)
                 opt_c.step()
                 log.add(critic_loss=loss_c)                # logged: the mean over all n_fake updates
 
@@ -309,7 +320,9 @@ def train(args):
                     loss = loss + args.gan_weight * loss_gan
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
-            log.add(grad_norm=torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm))
+            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+            common.check_finite(step, loss=loss, grad_norm=gnorm, critic_loss_and_grad_norms=critic_sum)
+            log.add(grad_norm=gnorm)
             opt_g.step()
             common.ema_update(ema, student, args.ema, step)
             # ∂(mean DM loss)/∂x = grad / (B C H W) (see distribution_matching_loss): its norm, no extra backward
@@ -320,8 +333,8 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, **stats.summary("loss"), **sampler.log_stats(), lr=opt_g.param_groups[0]["lr"],
                           lr_critic=opt_c.param_groups[0]["lr"])
-            if common.end_of_step(args, step, save, stop, evaluate):
-                return None
+            log.tick(step)
+            common.end_of_step(args, step, save, stop, evaluate)
     return common.finish(args, ckpt_path, make_generator, evaluate)
 
 

@@ -43,12 +43,16 @@ import eval as evaluation
 from common import _bc
 from teacher import ensure_teacher
 
+METHOD = "lcm"
+
 # Preset values of every flag whose default is None. cifar10: 20k iterations of 128, ~9.5 TFLOP each
 # (teacher CFG step, target and student forward, student backward): ~35 min on one H100 at 100 TFLOP/s
 # (an estimate; bench.py measures it). --ddil adds its rollouts: bench.py's DDIL overhead row.
 PRESETS = {
     "smoke": dict(dataset="synthetic", iters=80, batch_size=16, lr=5e-4, ema=0.99, warmup=10, guidance=1.5,
                   log_every=10, save_every=40, eval_every=0, eval_samples=100),
+    "gmm": dict(dataset="gmm", iters=300, batch_size=32, lr=5e-4, ema=0.99, warmup=20, guidance=1.0,
+                log_every=25, save_every=100, eval_every=0, eval_samples=1000),
     "cifar10": dict(dataset="cifar10", iters=20_000, batch_size=128, lr=2e-4, ema=0.999, warmup=500, guidance=1.5,
                     log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
@@ -79,8 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
     g.add_argument("--grad-clip", type=float, default=1.0,
                    help="clip the gradient norm of θ (diffusers' LCM distillation script: max_grad_norm 1.0); 0 = off")
+    common.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, "lcm", PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
+    common.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
     N, k, K = args.solver_steps, args.skip, args.steps
     if K * k > N:
         raise common.UserError(f"--steps {K} × --skip {k} exceeds --solver-steps {N}: every sampling time must sit "
@@ -219,8 +224,9 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
+    common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, "lcm")
+    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
@@ -266,6 +272,7 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
+            common.check_finite(step, loss=loss.mean(), grad_norm=gnorm)
             opt.step()
             update_target(target, student, args.target_ema)
             common.ema_update(ema, student, args.ema, step)
@@ -275,8 +282,8 @@ def train(args):
             step += 1
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, **per_source.summary("loss"), **sampler.log_stats(), lr=lr)
-            if common.end_of_step(args, step, save, stop, evaluate):
-                return None
+            log.tick(step)
+            common.end_of_step(args, step, save, stop, evaluate)
     return common.finish(args, ckpt_path, make_generator, evaluate)
 
 

@@ -44,6 +44,8 @@ import eval as evaluation
 from common import alpha_sigma, ddim_step, threshold
 from teacher import ensure_teacher
 
+METHOD = "pd"
+
 # Preset values of every flag whose default is None.
 # smoke: rounds 16 -> 8 -> 4 (two rounds of 40 iterations), about a minute on a 2-core CPU.
 # cifar10: rounds 64 -> 32 -> 16 -> 8 -> 4, 10k iterations each at batch 128 (the paper: 50k per round
@@ -55,6 +57,9 @@ from teacher import ensure_teacher
 PRESETS = {
     "smoke": dict(dataset="synthetic", start_steps=16, iters=80, batch_size=16, lr=5e-4, warmup=5, ema=0.99,
                   guidance=1.5, log_every=10, save_every=40, eval_every=0, eval_samples=100),
+    # gmm: the exact benchmark on 2 CPU cores (gmm.py; teacher.py --preset gmm), no guidance: rounds 16 -> 8 -> 4.
+    "gmm": dict(dataset="gmm", start_steps=16, iters=300, batch_size=32, lr=5e-4, warmup=10, ema=0.99,
+                guidance=1.0, log_every=25, save_every=100, eval_every=0, eval_samples=1000),
     "cifar10": dict(dataset="cifar10", start_steps=64, iters=40_000, batch_size=128, lr=5e-5, warmup=0,
                     ema=0.999, guidance=1.5, log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
@@ -75,8 +80,9 @@ def parse_args(argv=None):
                    help="learning-rate warm-up iterations at the start of each round; the rate then "
                         "anneals linearly to 0 by the round's end (Google's PD configs) (preset)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of θ (0 = off)")
+    common.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, "pd", PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
+    common.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
     ratio = args.start_steps // args.steps
     if args.start_steps % args.steps or ratio < 2 or ratio & (ratio - 1):
         raise common.UserError(f"--start-steps {args.start_steps} / --steps {args.steps} must be a power of two "
@@ -174,8 +180,9 @@ def make_generator(ckpt, device):
 # --- Training loop ---
 
 def train(args):
+    common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, "pd")
+    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
@@ -260,6 +267,7 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
+            common.check_finite(step, loss=loss, grad_norm=gnorm)
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
             stats.add(losses, b["source"])
@@ -268,8 +276,8 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, **stats.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,
                           lr=opt.param_groups[0]["lr"])
-            if common.end_of_step(args, step, save, stop, evaluate):
-                return None
+            log.tick(step)
+            common.end_of_step(args, step, save, stop, evaluate)
     return common.finish(args, ckpt_path, make_generator, evaluate)
 
 

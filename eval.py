@@ -36,11 +36,16 @@ depend on the batch size, and two runs evaluated with the same N see the same no
                                  student, but two runs of one method stay paired sample for sample.
                                  N = min(samples, 1000): an R-step teacher solve per intermediate step.
 
+On the exact benchmark (--dataset gmm, gmm.py) Inception, the classifier and the FID reference are
+replaced by the mixture itself: nll, class_post, mode_tv, fd_px{N}_exact (see gmm.py for each and how to
+read it), LPIPS diversity as elsewhere, and paired agreement both with the run's teacher (teacher_mse
+{N}_ddim64) and with the exact teacher's ODE (teacher_mse, drift{N}_exact256, gmm.ode_grid).
+
 Names carry the sample count N (10000 -> 10k) and the reference: `train` is the run's whole training
-set, `train500` an evenly spaced subset of 500 of its images (the smoke preset: Inception costs
-~0.2 s per image on a laptop CPU), `ref5k` the --ref-images set. Precision/recall/density/coverage
+set, `train200` an evenly spaced subset of 200 of its images (the smoke preset: Inception costs
+~0.1-0.2 s per image on a laptop CPU), `ref5k` the --ref-images set. Precision/recall/density/coverage
 compare N samples with an evenly spaced subset of min(N, R) reference images (equal sizes, as
-both papers do), so their reference carries its own count: precision10k_train10k. FID is never
+both papers do), so their reference carries its own count: precision10k_train10k_k3. FID is never
 compared across sample counts. Reference statistics and the classifier are computed once and cached
 under cache/ (env DDIL_CACHE), keyed by a hash of the pixels (and of the Inception file).
 
@@ -81,17 +86,18 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
+import gmm
 
 K_PR, K_DC = 3, 5                                # k of precision/recall (Kynkäänniemi) and density/coverage (Naeem)
 DRIFT_SAMPLES = 1000                             # samples of the drift metric (a teacher solve per step)
 LPIPS_SIZE = 224                                 # LPIPS input side (AlexNet's training scale)
-DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000}
-REF_LIMIT = {"smoke": 500}                       # FID reference subset per preset (absent: the whole set)
+DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000, "gmm": 1000}
+REF_LIMIT = {"smoke": 200}                       # FID reference subset per preset (absent: the whole set)
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
 REF_STEPS = 64                                   # teacher DDIM steps of the agreement reference
+PRESET_REF_STEPS = {"smoke": 16}                 # smoke: a pipeline check, a quarter of the cost
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_LPIPS = os.path.join(REPO, "..", "shared", "weights", "alexnet_features_imagenet.pt")
@@ -215,7 +221,7 @@ def inception_features(images, device=None, batch_size=None, progress=True):
     device = torch.device(device or default_device())
     batch_size = batch_size or (250 if device.type == "cuda" else 50)
     net, out = _inception(device), []
-    for i in tqdm(range(0, len(images), batch_size), desc="inception", disable=None if progress else True, leave=False):
+    for i in common.progress(range(0, len(images), batch_size), f"inception features ({len(images)})", progress):
         x = to_uint8(images[i:i + batch_size]).to(device).float()      # [B, 3, H, W] in [0, 255]
         if x.shape[2:] != (299, 299):
             x = resize_nv(x)
@@ -283,9 +289,10 @@ def reference(images, name, full, device=None, progress=True):
         if not os.path.isfile(path):
             print(f"reference statistics of {len(images)} images ({name}): computing once, cached in {path}")
             feats = inception_features(images, device, progress=progress)
-            with open(path + ".tmp", "wb") as f:
+            tmp = f"{path}.{os.getpid()}.tmp"         # atomic, and never shared by two writers
+            with open(tmp, "wb") as f:
                 np.savez(f, features=feats.astype(np.float32), mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         with np.load(path) as z:
             _MEMO[key] = dict(features=z["features"], mu=z["mu"], sigma=z["sigma"])
     return dict(_MEMO[key], name=name, n=len(images), full=full, key=key)
@@ -298,6 +305,8 @@ def distribution_metrics(feats, ref, device=None):
     out = {metric_name("fid", n, ref["name"], None if ref["full"] else ref["n"]): fid}
     idx = _even(ref["n"], min(n, ref["n"]))              # equal-size real set (both PRDC papers)
     ref_n = None if ref["full"] and len(idx) == ref["n"] else len(idx)
+    if len(idx) <= max(K_PR, K_DC):                       # k-NN balls need more than k points per set
+        return out
     for k, v in prdc(ref["features"][idx], feats, K_PR, K_DC, device).items():
         out[metric_name(k, n, ref["name"], ref_n, K_PR if k in ("precision", "recall") else K_DC)] = v
     return out
@@ -359,7 +368,7 @@ def train_classifier(images, labels, spec, device, progress=True):
     total = spec["epochs"] * per_epoch
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     step = 0
-    for _ in tqdm(range(spec["epochs"]), desc="classifier", disable=None if progress else True, leave=False):
+    for _ in common.progress(range(spec["epochs"]), "classifier epochs", progress):
         perm = torch.randperm(len(xt), device=device, generator=gen)
         for i in range(per_epoch):
             for group in opt.param_groups:   # triangular: up over the first 20 %, down to 0
@@ -526,7 +535,7 @@ def generate_samples(generate, n, device, batch_size=None, amp=nullcontext, prog
     A non-finite sample is a one-line error naming `label` (to_uint8 would map NaN to a finite 0)."""
     batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     images, labels = [], []
-    for i in tqdm(range(0, n, batch_size), desc="generate", disable=None if progress else True, leave=False):
+    for i in common.progress(range(0, n, batch_size), f"generate {n} samples (batches)", progress):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         with amp():
             x = generate(noise, y, renoise)
@@ -569,6 +578,23 @@ def score_samples(images, labels, train, ref_limit, classifier_arch, device, lpi
     return metrics, info
 
 
+def score_exact(images, labels, device, lpips_backbone=None):
+    """The exact benchmark's metrics (gmm.py: nll, class_post, mode_tv, fd_px, named {N}_exact) of uint8
+    samples against the mixture itself, and LPIPS diversity. Returns (metrics, info)."""
+    n, t = len(images), time.time()
+    exact = gmm.mixture().metrics(to_uint8(images).double() / 127.5 - 1, labels)
+    metrics = {metric_name(k, n, "exact"): v for k, v in exact.items()}
+    times = dict(exact_s=time.time() - t)
+    t = time.time()
+    lpips_fn, why = optional_lpips(lpips_backbone, device)
+    if lpips_fn is not None:
+        metrics[metric_name("lpips_div", n)] = lpips_diversity(lpips_fn, images, labels)
+    times["lpips_s"] = time.time() - t
+    info = dict(reference=dict(name="exact", mixture="gmm.py seed 0"), time_s=times,
+                skipped={metric_name("lpips_div", n): why} if why else {})
+    return metrics, info
+
+
 # --- Teacher agreement and per-step drift: paired against the teacher on the same noise (issue 9) ---
 
 def reference_grid(ref_steps):
@@ -583,15 +609,14 @@ def grid_tail(grid, t):
 
 
 @torch.no_grad()
-def paired_trajectories(student, teacher_fn, n, n_drift, device, ref_steps=REF_STEPS, batch_size=None, amp=nullcontext):
+def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size=None, amp=nullcontext):
     """For seeds 0..n-1 (labels i mod 10): the student's samples [n, 3, 32, 32], and, for the first n_drift
-    seeds, where the teacher's R-step flow lands from the student's state after each of its first K - 1
+    seeds, where the teacher's flow on `grid` lands from the student's state after each of its first K - 1
     steps [K - 1, n_drift, 3, 32, 32] (float, CPU). Same noise and loop as generate_samples."""
     x0_fn, times, stochastic = student
-    grid = reference_grid(ref_steps)
-    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
+    batch_size = batch_size or 500           # long solves: large batches, CPU too
     samples, lands = [], []
-    for i in range(0, n, batch_size):
+    for i in common.progress(range(0, n, batch_size), "paired student / teacher trajectories (batches)"):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         states = []
 
@@ -610,41 +635,46 @@ def paired_trajectories(student, teacher_fn, n, n_drift, device, ref_steps=REF_S
 
 
 @torch.no_grad()
-def teacher_samples(teacher_fn, n, device, ref_steps=REF_STEPS, cache_key=None, batch_size=None, amp=nullcontext):
-    """The teacher's ref_steps-step DDIM samples of seeds 0..n-1 (labels i mod 10), float [n, 3, 32, 32]:
-    computed once per (teacher, guidance, steps, n) and cached when cache_key is given (every run of a
-    grid shares them)."""
-    path = cache_key and os.path.join(cache_dir(), f"teacher-samples-{cache_key}-ddim{ref_steps}-n{n}.pt")
+def teacher_samples(teacher_fn, n, device, ref_steps=REF_STEPS, cache_key=None, batch_size=None, amp=nullcontext,
+                    grid=None, ref_name=None):
+    """The teacher's ref_steps-step DDIM samples (or on `grid`, named ref_name) of seeds 0..n-1 (labels i mod
+    10), float [n, 3, 32, 32]: computed once per (teacher, guidance, grid, n) and cached when cache_key is
+    given (every run of a grid shares them)."""
+    ref_name = ref_name or f"ddim{ref_steps}"
+    path = cache_key and os.path.join(cache_dir(), f"teacher-samples-{cache_key}-{ref_name}-n{n}.pt")
     if path and os.path.isfile(path):
         return torch.load(path, weights_only=True).float()
-    times = reference_grid(ref_steps)
-    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
+    times = grid or reference_grid(ref_steps)
+    batch_size = batch_size or 500           # long solves: large batches, CPU too
     out = []
-    for i in tqdm(range(0, n, batch_size), desc=f"teacher ddim{ref_steps}", disable=None, leave=False):
+    for i in common.progress(range(0, n, batch_size), f"teacher {ref_name} reference samples (batches)"):
         noise, y, _ = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         with amp():
             out.append(common.sample(teacher_fn, noise, y, times).float().cpu())
-    x = check_finite(torch.cat(out), f"teacher ddim{ref_steps}")
+    x = check_finite(torch.cat(out), f"teacher {ref_name}")
     if path:  # full precision: the run that fills the cache and the runs that read it see the same values
-        torch.save(x, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        torch.save(x, f"{path}.{os.getpid()}.tmp")
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     return x
 
 
 def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_STEPS, cache_key=None,
-                      batch_size=None, amp=nullcontext):
+                      batch_size=None, amp=nullcontext, *, grid=None, ref_name=None, drift=True, samples=None):
     """Paired agreement of a student (x0_fn, times, stochastic) with the teacher on the same noise.
-    Returns (metrics, per-sample arrays): teacher_mse / teacher_lpips{N}_ddim{R} (on the uint8-quantised
-    samples, like every other metric), their standard errors, and drift{N'}_ddim{R} (a list over the K
-    steps, N' = min(N, DRIFT_SAMPLES); module docstring). lpips_fn None: no teacher_lpips."""
-    n_drift = min(n, DRIFT_SAMPLES)
-    samples, lands = paired_trajectories(student, teacher_fn, n, n_drift, device, ref_steps, batch_size, amp)
-    ref = teacher_samples(teacher_fn, n, device, ref_steps, cache_key, batch_size, amp)   # [n, 3, 32, 32]
+    Returns (metrics, per-sample arrays): teacher_mse / teacher_lpips{N}_{ref} (on the uint8-quantised
+    samples, like every other metric), their standard errors, and drift{N'}_{ref} (a list over the K
+    steps, N' = min(N, DRIFT_SAMPLES); module docstring). The reference is the teacher's DDIM on
+    ref_steps uniform steps (ref ddim{R}) or on `grid` (named ref_name). lpips_fn None: no teacher_lpips.
+    samples: the student's samples of seeds 0..n-1 when already drawn (reused unless drift needs its states)."""
+    grid, ref_name = grid or reference_grid(ref_steps), ref_name or f"ddim{ref_steps}"
+    n_drift = min(n, DRIFT_SAMPLES) if drift else 0
+    if samples is None or drift:
+        samples, lands = paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size, amp)
+    ref = teacher_samples(teacher_fn, n, device, ref_steps, cache_key, batch_size, amp, grid, ref_name)
     q = lambda x: to_uint8(x).float() / 127.5 - 1
     s, t = q(samples), q(ref)
     mse = (s - t).square().mean(dim=(1, 2, 3)).double().numpy()
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    ref_name = f"ddim{ref_steps}"
     metrics = {metric_name("teacher_mse", n, ref_name): float(mse.mean()),
                metric_name("teacher_mse_se", n, ref_name): se(mse)}
     arrays = dict(mse=mse)
@@ -653,8 +683,9 @@ def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_ST
         metrics[metric_name("teacher_lpips", n, ref_name)] = float(lp.mean())
         metrics[metric_name("teacher_lpips_se", n, ref_name)] = se(lp)
         arrays["lpips"] = lp
-    gaps = [(q(land) - t[:n_drift]).square().mean() for land in lands] + [(s - t)[:n_drift].square().mean()]
-    metrics[metric_name("drift", n_drift, ref_name)] = [float(g) for g in gaps]
+    if drift:
+        gaps = [(q(land) - t[:n_drift]).square().mean() for land in lands] + [(s - t)[:n_drift].square().mean()]
+        metrics[metric_name("drift", n_drift, ref_name)] = [float(g) for g in gaps]
     return metrics, arrays
 
 
@@ -669,14 +700,16 @@ def optional_lpips(backbone, device):
 
 def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device=None, ref_limit=None,
                        classifier=None, lpips_backbone=None, batch_size=None, progress=True, label=None,
-                       agreement=None, ref_steps=REF_STEPS):
+                       agreement=None, ref_steps=None):
     """Draw n samples (seed i, label i mod 10), score them against the training set of the checkpoint's
     config, merge the metrics into out_path and print one line. ref_limit None: the preset's; 0: all.
-    agreement: dict(student=(x0_fn, times, stochastic), teacher_fn=, cache_key=) adds teacher agreement."""
+    agreement: dict(student=(x0_fn, times, stochastic), refs=[dict(teacher_fn=, cache_key=, and optionally
+    grid=, ref_name=, drift=, lpips=)]) adds paired agreement with each reference teacher."""
     cfg = ckpt["config"]
     device = device or default_device()
     preset = cfg.get("preset")
     n = n_samples or cfg.get("eval_samples") or DEFAULT_SAMPLES.get(preset, 10_000)
+    ref_steps = ref_steps or PRESET_REF_STEPS.get(preset, REF_STEPS)
     ref_limit = REF_LIMIT.get(preset) if ref_limit is None else ref_limit
     classifier = classifier or ("tiny" if preset == "smoke" else "airbench")
     amp = lambda: common.autocast(SimpleNamespace(amp=cfg.get("amp", "none"), device=str(device)))
@@ -684,16 +717,24 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
     with torch.random.fork_rng():      # evaluation must not move the caller's RNG streams (training resumes)
         images, labels = generate_samples(generate, n, device, batch_size, amp, progress, label or out_path)
         t_gen = time.time() - t0
-        train = training_set(cfg["dataset"], cfg.get("data_dir"))
-        metrics, info = score_samples(images, labels, train, ref_limit, classifier, device, lpips_backbone, progress)
+        if cfg["dataset"] == "gmm":     # the exact benchmark: closed-form metrics, no Inception, no classifier
+            metrics, info = score_exact(images, labels, device, lpips_backbone)
+        else:
+            train = training_set(cfg["dataset"], cfg.get("data_dir"))
+            metrics, info = score_samples(images, labels, train, ref_limit, classifier, device, lpips_backbone,
+                                          progress)
         if agreement:
             t1 = time.time()
-            lpips_fn, why = optional_lpips(lpips_backbone, device)
-            paired, _ = teacher_agreement(agreement["student"], agreement["teacher_fn"], n, device, lpips_fn,
-                                          ref_steps, agreement.get("cache_key"), batch_size, amp)
-            metrics.update(paired)
-            if why:
-                info["skipped"][metric_name("teacher_lpips", n, f"ddim{ref_steps}")] = why
+            for ref in agreement["refs"]:
+                lpips_fn, why = optional_lpips(lpips_backbone, device) if ref.get("lpips", True) else (None, None)
+                ref_name = ref.get("ref_name") or f"ddim{ref_steps}"
+                paired, _ = teacher_agreement(agreement["student"], ref["teacher_fn"], n, device, lpips_fn, ref_steps,
+                                              ref.get("cache_key"), batch_size, amp, grid=ref.get("grid"),
+                                              ref_name=ref_name, drift=ref.get("drift", True),
+                                              samples=images.float() / 127.5 - 1)
+                metrics.update(paired)
+                if why:
+                    info["skipped"][metric_name("teacher_lpips", n, ref_name)] = why
             info["time_s"]["agreement_s"] = time.time() - t1
     info["time_s"] = dict(generate_s=t_gen, **info["time_s"], total_s=time.time() - t0)
     record = dict(step=ckpt.get("step"), n=n, seeds=[0, n - 1], labels="seed mod 10", sampler=sampler,
@@ -729,18 +770,51 @@ def evaluate_run(run_dir, n_samples=None, device=None, **options):
                               label=run_dir, **options)
 
 
-def run_agreement(module, ckpt, device):
-    """Teacher agreement of a distilled run: its student, and its own teacher's plain CFG DDIM sampler
-    (guidance as in training, no thresholding: one reference for every run of a grid)."""
-    cfg = ckpt["config"]
+def teacher_refs(cfg, device):
+    """The references a distilled run's samples are paired with: its own teacher's plain CFG DDIM sampler
+    (guidance as in training, no thresholding: one reference for every run of a grid), and on the exact
+    benchmark the exact teacher's ODE too. [] when the run's teacher is not there."""
     path = cfg.get("teacher_path")
     if not path or not os.path.isfile(path):
         print(f"teacher agreement skipped: the run's teacher {path!r} is not there")
-        return None
+        return []
     teacher, _ = common.load_teacher(path, device)
     w = cfg["guidance"]
-    return dict(student=module.make_student(ckpt, device), cache_key=f"{_file_sha(path)}-w{w:g}",
-                teacher_fn=lambda z, t, y: common.denoise(teacher, z, t, y, w))
+    run_teacher = dict(teacher_fn=lambda z, t, y: common.denoise(teacher, z, t, y, w), cache_key=f"{_file_sha(path)}-w{w:g}")
+    if cfg["dataset"] != "gmm":
+        return [run_teacher]
+    # The exact benchmark: agreement with the run's own teacher (no drift: a UNet solve per step is minutes on
+    # a CPU), and with the exact teacher's ODE (drift included: the closed form is cheap), no LPIPS.
+    exact = common.ExactTeacher()
+    return [dict(run_teacher, drift=False, lpips=False),
+            dict(teacher_fn=lambda z, t, y: common.denoise(exact, z, t, y, w), cache_key=f"gmm-w{w:g}",
+                 grid=gmm.ode_grid(), ref_name=f"exact{gmm.ODE_STEPS}", lpips=False)]
+
+
+def run_agreement(module, ckpt, device):
+    """Teacher agreement of a distilled run: its student and its `teacher_refs`."""
+    refs = teacher_refs(ckpt["config"], device)
+    return dict(student=module.make_student(ckpt, device), refs=refs) if refs else None
+
+
+def prepare_shared(cfg, device=None, progress=True):
+    """Make, once, what every run of a grid with this resolved config (teacher_path included) reads from the
+    cache when it is evaluated: the FID reference statistics and the classifier of its training set, and its
+    teachers' reference samples. Grids call it before fanning out, so parallel runs never race to make them."""
+    device = device or default_device()
+    preset, n = cfg.get("preset"), cfg.get("eval_samples") or DEFAULT_SAMPLES.get(cfg.get("preset"), 10_000)
+    ref_steps = PRESET_REF_STEPS.get(preset, REF_STEPS)
+    amp = lambda: common.autocast(SimpleNamespace(amp=cfg.get("amp", "none"), device=str(device)))
+    with torch.random.fork_rng():
+        if cfg["dataset"] != "gmm":
+            train = training_set(cfg["dataset"], cfg.get("data_dir"))
+            ref_limit = REF_LIMIT.get(preset)
+            idx = _even(len(train[0]), ref_limit or len(train[0]))
+            reference(train[0][idx], "train", full=len(idx) == len(train[0]), device=device, progress=progress)
+            load_classifier(*train, "tiny" if preset == "smoke" else "airbench", device, progress)
+        for ref in teacher_refs(cfg, device):
+            teacher_samples(ref["teacher_fn"], n, device, ref_steps, ref["cache_key"], None, amp, ref.get("grid"),
+                            ref.get("ref_name") or f"ddim{ref_steps}")
 
 
 def evaluate_images(images, ref_images=None, ref_name="ref", train=None, ref_limit=None, device=None, out=None, label=""):
@@ -803,7 +877,7 @@ def load_image_files(path, part=slice(None), flag="--images"):
     if not names:
         raise common.UserError(f"{flag} {path}: no images ({', '.join(IMAGE_EXTS)}) in the selected slice")
     images = []
-    for n in tqdm(names, desc=f"read {os.path.basename(path)}", disable=None, leave=False):
+    for n in common.progress(names, f"read {os.path.basename(path)}"):
         with read(n) as f:
             images.append(np.asarray(Image.open(f).convert("RGB")))
     if len({im.shape for im in images}) > 1:
@@ -856,20 +930,21 @@ def parse_args(argv=None):
     g = p.add_argument_group("reference")
     g.add_argument("--ref-images", metavar="PATH", help="for --images: a folder or .zip as the reference (named ref<R>)")
     g.add_argument("--ref-slice", type=_slice, default=":", metavar="A:B[:S]", help="which of the sorted --ref-images")
-    g.add_argument("--dataset", choices=["cifar10", "synthetic"], default="cifar10",
+    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm"], default="cifar10",
                    help="for --images without --ref-images: the training set used as reference")
     g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
                    help="for --images: image-folder training set (dir or .zip of train/<class>/*); env DDIL_DATA_DIR")
     g.add_argument("--ref-limit", type=common._count, default=None,
-                   help="evenly spaced subset of the training set as FID reference, 0 = all; None: 500 for "
+                   help="evenly spaced subset of the training set as FID reference, 0 = all; None: 200 for "
                         "the smoke preset, else all")
     g = p.add_argument_group("evaluation")
     g.add_argument("--samples", type=common._positive_int, default=None,
                    help="N samples, seeds 0..N-1; None: the run's --eval-samples, else 100 smoke / 10000 cifar10")
     g.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda when available)")
     g.add_argument("--batch-size", type=common._positive_int, default=None, help="generation batch (does not change results)")
-    g.add_argument("--ref-steps", type=common._positive_int, default=REF_STEPS,
-                   help="teacher DDIM steps of the paired teacher-agreement reference (teacher_mse/lpips, drift)")
+    g.add_argument("--ref-steps", type=common._positive_int, default=None,
+                   help="teacher DDIM steps of the paired teacher-agreement reference (teacher_mse/lpips, drift); "
+                        "None: 16 for the smoke preset, else 64")
     g.add_argument("--classifier", choices=["auto", "tiny", "airbench"], default="auto",
                    help="class_score classifier (auto: tiny for the smoke preset, else airbench)")
     g.add_argument("--lpips-backbone", default=None, metavar="PATH",

@@ -27,6 +27,7 @@ import ddil_dmd2
 import ddil_lcm as lcm
 import ddil_pd
 import eval as evaluation
+import gmm
 from common import _bc, alpha_sigma
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -344,13 +345,17 @@ def test_pd_teacher_rollouts_are_finer_than_every_round_of_the_cifar10_preset():
 
 
 def test_common_is_the_bottom_layer():
-    # common.py imports no project module but unet (the scripts call the teacher and the evaluation).
+    # common.py imports no project module but the two leaves it builds on, unet (the network) and gmm (the
+    # exact benchmark's data), which import none: the scripts call the teacher and the evaluation themselves.
     import ast
     project = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")}
-    tree = ast.parse(open(os.path.join(ROOT, "common.py")).read())
-    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported & project == {"unet"}
+
+    def imports(name):
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+        found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        found |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        return found & project
+    assert imports("common") == {"unet", "gmm"} and imports("unet") == imports("gmm") == set()
 
 
 # --- Flags (DESIGN §4, §7) ---
@@ -408,6 +413,56 @@ def test_bad_input_from_the_command_line_never_prints_a_traceback(tmp_path):
         assert r.returncode != 0
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (bad / "ckpt.pt").read_bytes() == b"PK\x03\x04 truncated"     # never overwritten
+
+
+def test_nonsense_values_and_bad_files_are_one_line_errors(tmp_path, teacher_ckpt, monkeypatch):
+    # Each one used to be accepted silently or to end in a traceback (issue 18).
+    for module in (ddil_pd, lcm, ddil_dmd2):
+        for argv, needle in ((["--lr", "0"], "--lr"), (["--lr=-1e-4"], "--lr"), (["--ema", "5"], "--ema"),
+                             (["--guidance=-1"], "--guidance"), (["--device", "cuda"], "CUDA is not available"),
+                             (["--device", "tpu9"], "--device")):
+            with pytest.raises(common.UserError, match=needle):
+                module.parse_args(["--preset", "smoke", *argv])
+    import teacher
+    with pytest.raises(common.UserError, match="--lr"):
+        teacher.parse_args(["--preset", "smoke", "--lr", "0"])
+    student = tmp_path / "student.pt"
+    common.save_checkpoint(str(student), dict(step=1, unet={}, config={}, nets=dict(student={}, ema={})))
+    with pytest.raises(common.UserError, match="distilled student"):
+        common.load_teacher(str(student), "cpu")
+    # image folders: a member that is not an image, a member with a bad CRC
+    import zipfile
+    for name, corrupt in (("notimage", False), ("badcrc", True)):
+        path = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("train/cat/0001.png", b"this is not a png" if not corrupt else _png_bytes())
+        if corrupt:                                   # flip a byte of the stored member: its CRC no longer matches
+            data = bytearray(path.read_bytes())
+            i = data.index(b"IHDR")
+            data[i + 10] ^= 0xFF
+            path.write_bytes(bytes(data))
+        with pytest.raises(common.UserError, match="train/cat/0001.png"):
+            common.load_images("cifar10", str(path))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = run(["ddil_pd.py", "--preset", "smoke", "--teacher", teacher_ckpt, "--out", str(blocker / "run")])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _png_bytes():
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_help_shows_every_presets_value():
+    r = run(["ddil_pd.py", "--help"])
+    assert "(default: None)" not in r.stdout and "(preset)" not in r.stdout
+    flat = " ".join(r.stdout.split())
+    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000)" in flat
+    assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100)" in flat
 
 
 def test_missing_cifar10_offline_is_one_line_naming_the_ways_out(monkeypatch):
@@ -474,10 +529,118 @@ def test_end_of_step_saves_once_and_evaluates_on_schedule(monkeypatch):
     args = argparse.Namespace(save_every=4, eval_every=6, eval_samples=50, iters=14, out="unused", device="cpu")
     stop = argparse.Namespace(requested=False)
     for step in range(1, 14):
-        assert not common.end_of_step(args, step, lambda: saves.append(step), stop, lambda: evals.append(step))
-    stop.requested = True                                  # Ctrl-C: save at this step and stop
-    assert common.end_of_step(args, 14, lambda: saves.append(14), stop, lambda: evals.append(14))
+        common.end_of_step(args, step, lambda: saves.append(step), stop, lambda: evals.append(step))
+    stop.requested = True                                  # Ctrl-C: save at this step, then stop (exit 130)
+    with pytest.raises(common.Stopped, match="stopped at step 14"):
+        common.end_of_step(args, 14, lambda: saves.append(14), stop, lambda: evals.append(14))
     assert saves == [4, 6, 8, 12, 14] and evals == [6, 12]
+
+
+def test_non_finite_weights_are_never_saved_and_a_diverged_run_stops_with_one_line(tmp_path, teacher_ckpt):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, dict(step=4, nets=dict(student={"w": torch.ones(3)})))
+    before = open(path, "rb").read()
+    with pytest.raises(common.UserError, match="step 6: non-finite weights in student.w"):
+        common.save_checkpoint(path, dict(step=6, nets=dict(student={"w": torch.tensor([1.0, float("nan"), 0.0])})))
+    assert open(path, "rb").read() == before                     # the last good checkpoint is kept
+    with pytest.raises(common.UserError, match="step 3: loss nan"):
+        common.check_finite(2, loss=torch.tensor(float("nan")), grad_norm=torch.tensor(1.0))
+    # A learning-rate blow-up on the smoke preset: NaN within a few steps; the run stops, exits non-zero, names
+    # the step, and writes neither samples nor a non-finite checkpoint (LCM; DMD2's critic too).
+    for script, extra in (("ddil_lcm.py", ["--lr", "1e6"]), ("ddil_dmd2.py", ["--lr", "1e6", "--lr-critic", "1e6"])):
+        out = tmp_path / script
+        r = run([script, "--preset", "smoke", "--iters", "8", "--batch-size", "4", "--save-every", "1",
+                 "--log-every", "1", "--eval-samples", "0", "--teacher", teacher_ckpt, "--out", str(out), *extra])
+        assert r.returncode == 1 and "done:" not in r.stdout, r.stdout[-500:]
+        assert r.stderr.startswith("error: step ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (out / "samples.png").exists()
+        if (out / "ckpt.pt").exists():
+            ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
+            assert all(bool(torch.isfinite(v).all()) for net in ckpt["nets"].values() for v in net.values()
+                       if torch.is_floating_point(v))
+    # DMD2's distribution-matching gradient no longer hides a NaN coming from the scores
+    nan_teacher = GaussianDenoiser(torch.full((3, 32, 32), float("nan")))
+    _, extra = dm_loss(torch.zeros(2, 3, 32, 32), nan_teacher, GaussianDenoiser(torch.zeros(3, 32, 32)))
+    assert torch.isnan(extra["grad"]).all()
+
+
+def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:          # killed between a log write and the checkpoint
+        f.writelines(json.dumps({"step": s}) + "\n" for s in (5, 10, 15))
+    log = common.RunLog(str(tmp_path), 20, start_step=10)       # resumed from the step-10 checkpoint
+    log.write(15, loss=1.0)
+    assert [r["step"] for r in read_log(tmp_path)] == [5, 10, 15]
+
+
+def test_a_run_directory_has_one_owner_and_one_configuration(tmp_path, teacher_ckpt):
+    base = ["--preset", "smoke", "--batch-size", "2", "--eval-samples", "0", "--teacher", teacher_ckpt]
+    out = tmp_path / "lcm"
+    slow = subprocess.Popen([PY, "ddil_lcm.py", *base, "--iters", "400", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "log.jsonl").exists() and slow.poll() is None:
+            time.sleep(0.1)
+        r = run(["ddil_lcm.py", *base, "--iters", "400", "--out", str(out)])          # a second live process
+        assert r.returncode == 75 and "in use by pid" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        slow.send_signal(signal.SIGKILL)
+        slow.wait()
+    config = (out / "config.json").read_text()
+    for script, argv, needle in (("ddil_dmd2.py", ["--iters", "400"], "holds a lcm run"),
+                                 ("ddil_lcm.py", ["--iters", "500"], "other settings (iters 400 -> 500")):
+        r = run([script, *base, *argv, "--out", str(out)])
+        assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (out / "config.json").read_text() == config                     # nothing written
+    common.lock_run_dir(str(out))                  # the killed owner's lock is not stuck: this process gets it
+    common._LOCKS.pop(os.path.realpath(out)).close()
+
+
+def test_ctrl_c_exits_130_after_saving_and_a_finished_run_does_nothing(tmp_path, teacher_ckpt):
+    argv = [PY, "ddil_lcm.py", "--preset", "smoke", "--batch-size", "2", "--iters", "300", "--eval-samples", "0",
+            "--log-every", "1", "--teacher", teacher_ckpt, "--out", str(tmp_path / "a")]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not read_log(tmp_path / "a"):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "stopped at step" in out and "Traceback" not in err, err
+    assert common.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["step"] >= 1
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while len(read_log(tmp_path / "a")) < 3:                       # resumed and running again
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)                                  # a second Ctrl-C: stop now, one line
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    short = ["ddil_lcm.py", "--preset", "smoke", "--batch-size", "2", "--iters", "2", "--eval-samples", "0",
+             "--teacher", teacher_ckpt, "--out", str(tmp_path / "b")]
+    assert run(short).returncode == 0
+    made = {f: os.stat(tmp_path / "b" / f).st_mtime_ns for f in ("samples.png", "ckpt.pt", "log.jsonl")}
+    r = run(short)                                              # finished: says so, redoes nothing
+    assert r.returncode == 0 and "is finished (step 2); nothing to do" in r.stdout
+    assert {f: os.stat(tmp_path / "b" / f).st_mtime_ns for f in made} == made
+
+
+def test_a_finished_run_needs_its_evaluation_at_the_asked_count(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), iters=5, reevaluate=False, eval_samples=8)
+    (tmp_path / "samples.png").write_bytes(b"")
+    assert not common.finished(args, 5)                                   # no metrics.json yet
+    (tmp_path / "metrics.json").write_text(json.dumps({"evals": {"8": {"step": 4}}}))
+    assert not common.finished(args, 5)                                   # evaluated at an older step
+    (tmp_path / "metrics.json").write_text(json.dumps({"evals": {"8": {"step": 5}}}))
+    assert common.finished(args, 5) and not common.finished(args, 4)
+    assert not common.finished(argparse.Namespace(**{**vars(args), "eval_samples": 16}), 5)   # another count
+    assert not common.finished(argparse.Namespace(**{**vars(args), "reevaluate": True}), 5)
+
+
+def test_long_phases_print_progress_when_stdout_is_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert list(common.progress(range(3), "phase", every=0.0)) == [0, 1, 2]
+    assert capsys.readouterr().out.splitlines() == ["phase: 1/3 (0 s)", "phase: 2/3 (0 s)", "phase: 3/3 (0 s)"]
+    log = common.RunLog(str(os.path.dirname(__file__)) + "/nonexistent-dir", 10)
+    log.tick(3, every=0.0)
+    assert capsys.readouterr().out.startswith("step 3/10 |")
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
@@ -513,7 +676,8 @@ def test_teacher_resume_is_bitwise_identical(tmp_path, monkeypatch):
         if len(calls) == 3:
             signal.raise_signal(signal.SIGINT)
     monkeypatch.setattr(common, "ema_update", interrupt_at_third)
-    assert teacher.main(argv + ["--out", str(tmp_path / "b")]) is None        # stopped
+    with pytest.raises(common.Stopped):                                    # stopped after saving
+        teacher.main(argv + ["--out", str(tmp_path / "b")])
     assert common.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 3
     monkeypatch.setattr(common, "ema_update", original)
     teacher.main(argv + ["--out", str(tmp_path / "b")])
@@ -1441,6 +1605,154 @@ def test_drift_is_zero_for_the_teacher_and_follows_a_known_per_step_error(tmp_pa
     torch.testing.assert_close(torch.tensor(drift[j:]), torch.full((R - j,), shift ** 2), rtol=0.05, atol=1e-4)
 
 
+# --- The exact benchmark (gmm.py) against independent computations ---
+
+@pytest.fixture(scope="module")
+def tiny_gmm():
+    """The benchmark's construction at 3 x 2 x 2 pixels (D = 12), rank 2: small enough for scipy."""
+    return gmm.GMM(seed=3, side=2, rank=2)
+
+
+def _full_cov(g, k):
+    return (g.U[k] @ torch.diag(g.lam[k]) @ g.U[k].T + g.s2 * torch.eye(g.D, dtype=torch.float64)).numpy()
+
+
+def test_gmm_denoiser_matches_a_brute_force_posterior(tiny_gmm):
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+    g = tiny_gmm
+    z = torch.randn(6, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 3, 9, 10, 10, 5])
+    t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95, 0.5])
+    alpha, sigma = (a.double() for a in alpha_sigma(t))
+    ours = g.denoise(z, alpha, sigma, y).reshape(6, -1).numpy()
+    for b in range(6):
+        a, s, zb = float(alpha[b]), float(sigma[b]), z[b].reshape(-1).numpy()
+        ks = range(30) if y[b] == 10 else range(3 * int(y[b]), 3 * int(y[b]) + 3)
+        logw, means = [], []
+        for k in ks:      # N(z; a mu, a^2 S + s^2 I) and E[x_0 | z, k] = mu + a S (a^2 S + s^2 I)^-1 (z - a mu)
+            mu, S = g.mu[k].numpy(), _full_cov(g, k)
+            cov = a * a * S + s * s * np.eye(g.D)
+            logw.append(float(g.log_pi[k]) - (math.log(10) if y[b] == 10 else 0.0)
+                        + multivariate_normal(a * mu, cov).logpdf(zb))
+            means.append(mu + a * S @ np.linalg.solve(cov, zb - a * mu))
+        w = np.exp(np.array(logw) - logsumexp(logw))
+        np.testing.assert_allclose(ours[b], (w[:, None] * np.array(means)).sum(0), rtol=1e-9, atol=1e-10)
+
+
+def test_gmm_log_density_class_posterior_and_statistics_match_scipy(tiny_gmm):
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+    g = tiny_gmm
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(20) % 10
+    x = g.sample(y, gen)
+    lp = np.array([[float(g.log_pi[k]) + multivariate_normal(g.mu[k].numpy(), _full_cov(g, k)).logpdf(
+        x[i].reshape(-1).numpy()) for k in range(30)] for i in range(20)]).reshape(20, 10, 3)
+    by_class = logsumexp(lp, axis=2)                                           # log p(x | y') for every y'
+    np.testing.assert_allclose(g.log_prob(x, y).numpy(), by_class[np.arange(20), y.numpy()], rtol=1e-10)
+    np.testing.assert_allclose(g.class_posterior(x).numpy(), np.exp(by_class - logsumexp(by_class, 1, keepdims=True)),
+                               atol=1e-10)
+    mean, F = g.class_stats(4)                                                 # Sigma_y = s^2 I + F F^T
+    ks = range(12, 15)
+    pi = np.exp(g.log_pi[12:15].numpy())
+    m = sum(p * g.mu[k].numpy() for p, k in zip(pi, ks))
+    S = sum(p * (_full_cov(g, k) + np.outer(g.mu[k].numpy() - m, g.mu[k].numpy() - m)) for p, k in zip(pi, ks))
+    np.testing.assert_allclose(mean.numpy(), m, atol=1e-12)
+    np.testing.assert_allclose(g.s2 * np.eye(g.D) + (F @ F.T).numpy(), S, atol=1e-12)
+    big = g.sample(torch.full((40000,), 4), gen).reshape(40000, -1).numpy()   # sample moments: 4 sd bounds
+    se = np.sqrt(np.diag(S) / 40000)
+    assert (np.abs(big.mean(0) - m) < 4 * se).all()
+    np.testing.assert_allclose(np.cov(big, rowvar=False), S, atol=4 * np.sqrt(2 / 40000) * np.diag(S).max())
+
+
+def test_gmm_benchmark_samples_stay_in_range_and_the_data_is_deterministic():
+    g = gmm.mixture()
+    x = g.sample(torch.arange(5000) % 10, torch.Generator().manual_seed(0))
+    assert float((x.abs() <= 1).flatten(1).all(1).double().mean()) > 0.999     # thresholding judges models, not data
+    a, la = gmm.dataset(30)
+    b, lb = gmm.dataset(30)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8 and a.shape == (30, 3, 32, 32)
+    grid = gmm.ode_grid(16)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and all(s < t for t, s in zip(grid, grid[1:]))
+
+
+def test_exact_teacher_through_ddim_reproduces_the_mixture_moments(tiny_gmm):
+    g = tiny_gmm
+    teacher = common.ExactTeacher(mixture=g)
+    fn = lambda z, t, y: common.denoise(teacher, z, t, y)
+    n = 20000
+    noise = torch.randn(n, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    x = common.sample(fn, noise, torch.full((n,), 7), gmm.ode_grid(256)).double().reshape(n, -1).numpy()
+    mean, F = g.class_stats(7)
+    S = g.s2 * np.eye(g.D) + (F @ F.T).numpy()
+    se = np.sqrt(np.diag(S) / n)
+    assert (np.abs(x.mean(0) - mean.numpy()) < 4 * se).all()
+    # sampling error (4 sd) plus DDIM's shrinkage of the smallest variances after 256 steps (gmm.ode_grid: ~4 %)
+    np.testing.assert_allclose(np.cov(x, rowvar=False), S, atol=(4 * np.sqrt(2 / n) + 0.05) * np.diag(S).max())
+
+
+def test_gmm_frechet_is_the_frechet_distance_and_shrinks_like_its_finite_sample_bias(tiny_gmm):
+    g = tiny_gmm
+    gen = torch.Generator().manual_seed(4)
+    mean, F = g.class_stats(2)
+    S = g.s2 * np.eye(g.D) + (F @ F.T).numpy()
+    x = g.sample(torch.full((300,), 2), gen).reshape(300, -1).numpy()
+    # The structured covariance estimate written out: the full sample covariance inside span(F), one
+    # isotropic variance in its complement; then scipy's sqrtm-based Frechet distance.
+    P = np.linalg.svd(F.numpy(), full_matrices=False)[0]
+    P = P[:, np.linalg.svd(F.numpy(), compute_uv=False) > 1e-9]
+    C = np.cov(x, rowvar=False)
+    v = np.trace(C - P @ P.T @ C @ P @ P.T) / (g.D - P.shape[1])
+    S_hat = P @ P.T @ C @ P @ P.T + v * (np.eye(g.D) - P @ P.T)
+    ref = evaluation.frechet_distance(x.mean(0), S_hat, mean.numpy(), S)
+    assert g.frechet(torch.from_numpy(x), 2) == pytest.approx(ref, abs=1e-6 * np.trace(S))
+    # For exact samples the distance is pure finite-sample bias, O(1/n): n FD(n) stays put. Full size too.
+    for mix, sizes in ((g, (250, 1000, 4000)), (gmm.mixture(), (100, 400, 1600))):
+        scaled = [n * np.mean([mix.frechet(mix.sample(torch.full((n,), 2), gen), 2) for _ in range(4)]) for n in sizes]
+        assert max(scaled) / min(scaled) < 1.5, scaled
+
+
+def test_distillation_losses_vanish_with_the_exact_teacher_where_the_maths_says_so():
+    # DMD2: the generator's distribution equal to the data's means fake score = real score: zero DM gradient.
+    exact = common.ExactTeacher()
+    g = gmm.mixture()
+    y = torch.arange(8) % 10
+    x = g.sample(y, torch.Generator().manual_seed(5)).float()
+    torch.manual_seed(0)
+    _, extra = ddil_dmd2.distribution_matching_loss(x, y, exact, exact, 1.0, 0.02, 0.98, (None, .995), (None, .995))
+    assert torch.equal(extra["grad"], torch.zeros_like(x))
+    exact_fn = lambda z, t, y: common.denoise(exact, z, t, y)
+    z = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    # LCM: the consistency function of the teacher's own solver on the skeleton (f*(z, t_n) = its chain of
+    # DDIM steps t_n -> t_(n-k) -> ... -> 0) is LCM's fixed point: the loss is 0 with f_θ = f_θ⁻ = f*.
+    N, k = 10, 2
+
+    def f_star(z, t, y):
+        n = round(float(torch.as_tensor(t).flatten()[0]) * N)
+        return common.sample(exact_fn, z, y, [i / N for i in range(n, -1, -k)])
+    n_k = torch.full((8,), 6)
+    loss, _ = lcm.lcm_loss(f_star, f_star, exact, z, n_k, y, N=N, k=k, guidance=1.0, clip_teacher=(None, .995),
+                           clip_target=(None, .995), loss="l2", huber_c=0.03)
+    assert loss.max() < 1e-10
+    # PD: the student whose x̂_0 is the target x̃ makes the loss 0, and its n-step sampler lands where the
+    # teacher's 2n-step DDIM lands (Alg. 2's construction).
+    n = 4
+
+    class IdealStudent(nn.Module):
+        def forward(self, z, t, y):
+            alpha_t, sigma_t = (common._bc(a, z) for a in alpha_sigma(t))
+            x_tilde, _ = ddil_pd.pd_target(exact_fn, z, t, y, n)
+            return (alpha_t * z - x_tilde) / sigma_t
+    student = IdealStudent()
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25] * 2)
+    losses, _ = ddil_pd.pd_loss(student, exact_fn, z, t, y, n, (None, .995), (None, .995))
+    assert losses.max() < 1e-8
+    ideal = lambda z, t, y: common.denoise(student, z, t, y)
+    torch.testing.assert_close(common.sample(ideal, z, y, ddil_pd.grid(n)[0]),
+                               common.sample(exact_fn, z, y, ddil_pd.grid(2 * n)[0]), atol=1e-4, rtol=0)
+
+
 # --- ablate.py (issues 7 and 9): grids and paired statistics ---
 
 STUDIED = {"priors": {"beta_fwd", "beta_teacher", "beta_student", "priors", "prior_schedule"},
@@ -1504,8 +1816,10 @@ def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
     rows = {"base": {0: {"fid100_train500": 3.0, "teacher_mse100_ddim64": 0.1}},
             "ddil": {0: {"fid100_train500": 2.0, "teacher_mse100_ddim64": 0.2}}}
     summary, cols = ablate.summarise(rows, "base")
-    assert cols == {"fid": "fid100_train500", "teacher_mse": "teacher_mse100_ddim64"}
-    assert summary[1]["d_fid"] == -1.0
+    assert cols == {"fid_train500": "fid100_train500", "teacher_mse_ddim64": "teacher_mse100_ddim64"}
+    assert summary[1]["d_fid_train500"] == -1.0
+    rows["ddil"][0]["teacher_mse100_exact256"] = 0.3            # another reference: its own column
+    assert "teacher_mse_exact256" in ablate.summarise(rows, "base")[1]
     rows["ddil"][0] = {"fid1k_train500": 2.0, "teacher_mse100_ddim64": 0.2}
     with pytest.raises(common.UserError, match="fid100_train500 vs fid1k_train500"):
         ablate.summarise(rows, "base")
@@ -1522,12 +1836,99 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
         evaluation.merge_metrics(str(out / "metrics.json"), {"fid20_train500": 10.0 + i, "teacher_mse20_ddim64": 0.1 * i},
                                  dict(n=20))
         ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0))
-    monkeypatch.setattr(ablate, "execute", lambda *a: pytest.fail("a recorded run was trained again"))
+    monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
     ablate.main(["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
                  "--results", str(tmp_path / "results"), "--shift-samples", "0", "--", *extra])
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
+
+
+# --- Grids beyond one process: the local launcher, submitit, concurrent ablate.py (issue 17) ---
+
+LAUNCH = ["--method", "lcm", "--study", "paper", "--only", "baseline,ddil", "--preset", "smoke", "--shift-samples", "0"]
+
+
+def _launch_extra(teacher_ckpt):
+    return ["--teacher", teacher_ckpt, "--iters", "6", "--batch-size", "2", "--eval-samples", "4", "--save-every", "1",
+            "--log-every", "1"]
+
+
+def _records(results):
+    """{run: numeric metrics} of a grid's records (what its tables are made from)."""
+    out = {}
+    for name in sorted(os.listdir(os.path.join(results, "records"))):
+        m = json.load(open(os.path.join(results, "records", name, "metrics.json")))
+        out[name] = {k: v for k, v in m.items() if isinstance(v, (int, float, list))}
+    return out
+
+
+def _table_without_wall(path):
+    """The table's rows, every column but the wall time (which differs between launchers)."""
+    rows = [line.split(" | ") for line in open(path).read().splitlines() if line.startswith("| ")]
+    wall = rows[0].index("wall_min")
+    return [r[:wall] + r[wall + 1:] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def sequential_grid(teacher_ckpt, tmp_path_factory):
+    d = tmp_path_factory.mktemp("seq")
+    os.environ["DDIL_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")     # shared by the grids below
+    ablate.main([*LAUNCH, "--threads", "1", "--runs", str(d / "runs"), "--results", str(d / "res"), "--",
+                 *_launch_extra(teacher_ckpt)])
+    return d
+
+
+def test_local_launcher_runs_in_parallel_and_gives_the_sequential_table(sequential_grid, teacher_ckpt, tmp_path, capsys):
+    ablate.main([*LAUNCH, "--jobs", "2", "--threads", "1", "--runs", str(tmp_path / "runs"), "--results",
+                 str(tmp_path / "res"), "--", *_launch_extra(teacher_ckpt)])
+    out = capsys.readouterr().out
+    assert "[2/2 done | 0 running | 0 left" in out and "shared caches for synthetic" in out
+    assert _records(tmp_path / "res") == _records(sequential_grid / "res")
+    assert _table_without_wall(tmp_path / "res" / "paper-lcm.md") == \
+        _table_without_wall(sequential_grid / "res" / "paper-lcm.md")
+    for name in os.listdir(tmp_path / "runs"):                   # parallel runs log to their own directory
+        assert (tmp_path / "runs" / name / "stdout.log").is_file()
+
+
+def test_submitit_jobs_requeue_after_preemption_and_resume_to_the_same_numbers(sequential_grid, teacher_ckpt, tmp_path,
+                                                                              monkeypatch):
+    # submitit's local executor runs each job as processes here (no SLURM). One job is preempted mid-run: its
+    # task gets submitit's preemption signal, the run saves at a step boundary, the job requeues and resumes.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = [*LAUNCH, "--launcher", "slurm", "--cluster", "local", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "res"), "--time", "30", "--", *_launch_extra(teacher_ckpt)]
+    runs = ablate.main(argv)                                      # submits and returns (no --wait)
+    victim = runs[0]
+    folder = str(tmp_path / "runs" / victim.name / "submitit")
+    while not read_log(tmp_path / "runs" / victim.name):         # training has started
+        time.sleep(0.05)
+    tasks = [int(p) for p in os.listdir("/proc") if p.isdigit() and folder.encode() in
+             open(f"/proc/{p}/cmdline", "rb").read() and b"_submit" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert tasks, "the job's task process was not found"
+    os.kill(tasks[0], signal.SIGUSR2)                            # SLURM's preemption / timeout warning
+    deadline = time.time() + 300
+    while not all(ablate.is_done(r, str(tmp_path / "res")) for r in runs) and time.time() < deadline:
+        time.sleep(0.5)
+    record = json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))
+    assert record["attempts"] == 2                               # requeued once, resumed from its checkpoint
+    assert _records(tmp_path / "res") == _records(sequential_grid / "res")
+    ablate.main(argv)                                             # all done: the rerun writes the tables
+    assert (tmp_path / "res" / "paper-lcm.md").is_file()
+
+
+def test_two_ablate_processes_on_one_grid_do_each_run_once(sequential_grid, teacher_ckpt, tmp_path):
+    argv = [PY, "ablate.py", *LAUNCH, "--threads", "1", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "res"), "--", *_launch_extra(teacher_ckpt)]
+    env = {**os.environ, "DDIL_CACHE": os.environ["DDIL_CACHE"]}
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    for name in os.listdir(tmp_path / "runs"):
+        steps = [r["step"] for r in read_log(tmp_path / "runs" / name)]
+        assert steps == sorted(set(steps)) == list(range(1, 7)), (name, steps)      # one writer, one pass
+    assert _records(tmp_path / "res") == _records(sequential_grid / "res")
 
 
 def test_paired_delta_mean_and_t_interval():
@@ -1541,5 +1942,6 @@ def test_paired_delta_mean_and_t_interval():
                                 "ddil": {0: {"fid9_train": 9.0}, 1: {"fid9_train": 11.1}, 2: {"fid9_train": 9.9}}},
                                "baseline")
     ddil = rows[1]
-    assert ddil["d_fid"] == pytest.approx(-1.0) and ddil["d_fid_hi"] < 0     # consistent on every seed: *
-    assert ddil["fid"] == pytest.approx(10.0) and ddil["fid_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
+    assert ddil["d_fid_train"] == pytest.approx(-1.0) and ddil["d_fid_train_hi"] < 0     # consistent on every seed: *
+    assert ddil["fid_train"] == pytest.approx(10.0)
+    assert ddil["fid_train_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
