@@ -267,9 +267,17 @@ class RunJob:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)             # the run saves its checkpoint and exits 130
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
+            # Not proc.wait(): this handler interrupts __call__ inside proc.wait(), which holds the Popen's
+            # waitpid lock, so a second wait here could only time out. Reap the run directly.
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                try:
+                    if os.waitpid(proc.pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.1)
+            else:
                 proc.kill()
         return DelayedSubmission(self)
 
@@ -370,8 +378,8 @@ def launch_submitit(todo, args):
     import submitit
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # unpickling
     params = dict(timeout_min=args.time, gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
-                  name="ddil", slurm_partition=args.partition, slurm_account=args.account, slurm_signal_delay_s=120,
-                  local_signal_delay_s=args.signal_delay)
+                  name="ddil", slurm_partition=args.partition, slurm_account=args.account,
+                  slurm_signal_delay_s=args.signal_delay)
     params.update(args.slurm)
     jobs = []
     for run in todo:
@@ -737,7 +745,7 @@ def parse_args(argv=None):
                    help="local: CPU threads per run (OMP_NUM_THREADS; default: the cores divided by --jobs)")
     g.add_argument("--partition", default=None, help="slurm: partition")
     g.add_argument("--account", default=None, help="slurm: account")
-    g.add_argument("--time", type=float, default=24 * 60, help="slurm: time limit of a job in minutes (it requeues "
+    g.add_argument("--time", type=common._positive_int, default=24 * 60, help="slurm: time limit of a job in minutes (it requeues "
                                                                "itself and resumes when it runs out)")
     g.add_argument("--gpus-per-job", type=common._count, default=1, help="slurm: GPUs per job")
     g.add_argument("--cpus-per-job", type=common._positive_int, default=8, help="slurm: CPUs per job")

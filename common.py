@@ -696,7 +696,7 @@ class GracefulStop:
 # Rough wall-clock minutes per phase: smoke and gmm measured on a 2-core CPU (README, "First run" and
 # "The exact benchmark"), cifar10 estimated for one H100 from FLOP counts (README). Printed, never used.
 ETA_MIN = {"smoke": dict(teacher=0.7, pd=0.5, lcm=0.5, dmd2=0.7, eval=1, first_eval=1.5),
-           "gmm": dict(teacher=18, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
+           "gmm": dict(teacher=7, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
            "cifar10": dict(teacher=60, pd=60, lcm=35, dmd2=75, eval=5, first_eval=10)}
 
 

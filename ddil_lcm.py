@@ -29,7 +29,7 @@ w = 1); continuous time t = t_discrete / 1000, so LCM's 1000-step timesteps map 
     python ddil_lcm.py --preset cifar10 --ddil --data-dir ../shared/data/cifar10-jpeg-train.zip
 
 Expected result: the smoke preset is a pipeline check (80 iterations of a 1.2 M-parameter UNet on
-synthetic shapes, seed 0, 2-core CPU; wall times and metrics in ablations/paper-lcm.md, smoke scale).
+synthetic shapes, seed 0, 2-core CPU). On the exact benchmark (--preset gmm) results/gmm/ has its metrics.
 samples.png shows the class shapes after 4 steps. cifar10: ~35 min per run on one H100 (estimated
 from FLOPs, README); metrics come from ablate.py runs.
 """

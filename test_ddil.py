@@ -1903,8 +1903,13 @@ def test_submitit_jobs_requeue_after_preemption_and_resume_to_the_same_numbers(s
     folder = str(tmp_path / "runs" / victim.name / "submitit")
     while not read_log(tmp_path / "runs" / victim.name):         # training has started
         time.sleep(0.05)
-    tasks = [int(p) for p in os.listdir("/proc") if p.isdigit() and folder.encode() in
-             open(f"/proc/{p}/cmdline", "rb").read() and b"_submit" in open(f"/proc/{p}/cmdline", "rb").read()]
+    def task(pid):                                               # the job's task (not its local controller)
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            return False
+        return folder.encode() in cmd and b"submitit.core._submit" in cmd
+    tasks = [int(p) for p in os.listdir("/proc") if p.isdigit() and task(p)]
     assert tasks, "the job's task process was not found"
     os.kill(tasks[0], signal.SIGUSR2)                            # SLURM's preemption / timeout warning
     deadline = time.time() + 300
