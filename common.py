@@ -648,11 +648,21 @@ def save_checkpoint(path, state):
                 raise UserError(f"step {state.get('step')}: non-finite weights in {name}.{k}; not saved, the last good "
                                 f"checkpoint {path} is kept (the run diverged: lower --lr)")
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _WRITE["busy"] = True               # a second Ctrl-C now waits for the write (GracefulStop)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        _WRITE["busy"] = False
+    if _WRITE.pop("exit", False):
+        print(f"stopped after writing {path}", flush=True)
+        raise SystemExit(130)
+
+
+_WRITE = {"busy": False}     # a checkpoint is being written; "exit": a second Ctrl-C came meanwhile
 
 
 def load_checkpoint(path, device="cpu"):
@@ -678,6 +688,11 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and _WRITE["busy"]:   # never interrupt torch.save: exit once the file is whole
+            print(f"\n{signal.Signals(signum).name} again: stopping once the checkpoint being written is complete",
+                  flush=True)
+            _WRITE["exit"] = True
+            return
         if self.requested:           # second Ctrl-C: stop now, without the step's checkpoint
             print(f"\n{signal.Signals(signum).name} again: stopped without saving this step; the last checkpoint "
                   "is kept", flush=True)

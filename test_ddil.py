@@ -660,6 +660,21 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         common.load_checkpoint(path)
 
 
+def test_a_second_ctrl_c_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch):
+    # It used to interrupt torch.save: torch's zip writer then raised over the exit (a traceback, exit 1).
+    path, real = str(tmp_path / "ckpt.pt"), torch.save
+
+    def interrupted(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)                      # the second Ctrl-C, mid-write
+        real(obj, f)
+    monkeypatch.setattr(torch, "save", interrupted)
+    with common.GracefulStop() as stop:
+        stop.requested = True                                    # the first Ctrl-C asked for this save
+        with pytest.raises(SystemExit) as e:
+            common.save_checkpoint(path, {"step": 3, "w": torch.ones(2)})
+    assert e.value.code == 130 and common.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_teacher_resume_is_bitwise_identical(tmp_path, monkeypatch):
     """Interrupt (SIGINT at step 3, saved at the step boundary) -> rerun resumes -> same parameters
     as an uninterrupted run, on the CPU."""
