@@ -44,7 +44,8 @@ matching them.
 Expected result: the smoke preset is a pipeline check only (20 iterations of a 1.2 M-parameter UNet
 on synthetic shapes, seed 0, 2-core CPU: generator loss stays near 0.1 and critic loss near 0.13,
 both grad norms 0.2-0.4). On the exact benchmark (--preset gmm, 2-core CPU, ~3 min a run) the metrics of
-its ablations, with seeds and intervals, are in results/gmm/. cifar10 metrics come from ablate.py runs. Rerunning the same command resumes from ckpt.pt.
+its ablations, with seeds and intervals, are in results/gmm/. cifar10 metrics come from ablate.py runs.
+Rerunning the same command resumes from ckpt.pt.
 """
 
 import argparse
