@@ -291,13 +291,8 @@ def run_state(run, runs_dir, results):
     if is_done(run, results):
         return "done"
     out = os.path.join(runs_dir, run.name)
-    if os.path.isfile(os.path.join(out, "lock")):
-        try:
-            import fcntl
-            with open(os.path.join(out, "lock")) as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return "running"
+    if common.run_dir_in_use(out):
+        return "running"
     job_file = os.path.join(out, "submitit", "job.json")
     if not os.path.isfile(job_file):
         return "todo"
@@ -357,7 +352,10 @@ def launch_local(todo, args):
                 failed.append(str(e))
                 print(f"FAILED: {e}", flush=True)
                 continue
-            (walls if outcome == "done" else busy).append(wall if outcome == "done" else run.name)
+            if outcome == "done":
+                walls.append(wall)
+            else:
+                busy.append(run.name)
             state["done"] += 1
             left = len(todo) - state["done"] - len(failed) - state["running"]
             eta = np.mean(walls) * (left + state["running"]) / args.jobs if walls else math.nan

@@ -824,6 +824,21 @@ def lock_run_dir(out):
     _LOCKS[os.path.realpath(out)] = f
 
 
+def run_dir_in_use(out):
+    """Whether a live process holds <out>/lock (`lock_run_dir`): probed with a non-blocking flock that is
+    released at once. This process's own lock does not count."""
+    import fcntl
+    path = os.path.join(out, "lock")
+    if os.path.realpath(out) in _LOCKS or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
+
+
 def _settings(config):
     return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
 

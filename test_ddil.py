@@ -582,9 +582,11 @@ def test_a_run_directory_has_one_owner_and_one_configuration(tmp_path, teacher_c
             time.sleep(0.1)
         r = run(["ddil_lcm.py", *base, "--iters", "400", "--out", str(out)])          # a second live process
         assert r.returncode == 75 and "in use by pid" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert common.run_dir_in_use(str(out))                              # what ablate's status reads
     finally:
         slow.send_signal(signal.SIGKILL)
         slow.wait()
+    assert not common.run_dir_in_use(str(out))
     config = (out / "config.json").read_text()
     for script, argv, needle in (("ddil_dmd2.py", ["--iters", "400"], "holds a lcm run"),
                                  ("ddil_lcm.py", ["--iters", "500"], "other settings (iters 400 -> 500")):
