@@ -12,7 +12,8 @@ different `-- --iters`, `--eval-samples`, teacher, data ...) is a different run,
 reuse. Runs train in <runs>/<method>-<preset>-<hash>-s<seed>/ (checkpoints, not committed); when one
 finishes, its small record (config.json, metrics.json, log.jsonl, ablate.json with the identity,
 command and wall time) is copied to <results>/records/<same name>/, and a grid counts a run as done
-from its record alone, so a grid resumes on a fresh clone from committed records. Outputs, per
+from its record alone, so a grid resumes on a fresh clone from committed records, and `--tables`
+rewrites every table from the records alone (the teacher is the one they recorded). Outputs, per
 study and method, in <results>/:
 
     <study>-<method>.md    table: mean ± std over seeds of every metric (one full metric key per column,
@@ -142,15 +143,44 @@ def teacher_identity(config):
     return {"path": path, "step": ckpt["step"], "config": cfg}
 
 
+def _without_teacher(settings):
+    """A config or identity as a key that ignores which teacher it names."""
+    plain = json.loads(json.dumps(settings, default=str))
+    return json.dumps({k: v for k, v in plain.items() if k != "teacher"}, sort_keys=True)
+
+
+def recorded_teachers(results):
+    """{settings without the teacher: [the teacher identities recorded with them]} over <results>/records:
+    what `--tables` reads instead of the teacher checkpoint."""
+    index = {}
+    root = os.path.join(results, "records")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, "ablate.json")
+        if os.path.isfile(path):
+            identity = read_json(path)["identity"]
+            teachers = index.setdefault(_without_teacher(identity), [])
+            if identity["teacher"] not in teachers:
+                teachers.append(identity["teacher"])
+    return index
+
+
 class Run:
     """One training run of a grid: the settings (study, row name) it stands for, its script arguments,
-    its identity and the directory name derived from it."""
+    its identity and the directory name derived from it. teachers: `recorded_teachers` to take the
+    teacher from the records (--tables) instead of reading its checkpoint."""
 
-    def __init__(self, method, flags, preset, seed, extra):
+    def __init__(self, method, flags, preset, seed, extra, teachers=None):
         self.method, self.seed, self.preset = method, seed, preset
         self.argv = script_args(method, flags, preset, seed, extra)
         self.config = resolved_config(method, flags, preset, seed, extra)
-        self.teacher = teacher_identity(self.config)
+        if teachers is None:
+            self.teacher = teacher_identity(self.config)
+        else:
+            found = teachers.get(_without_teacher(self.config), [])
+            if len(found) > 1:
+                raise common.UserError(f"{method} seed {seed} {' '.join(flags)}: its records name {len(found)} "
+                                       "different teachers; keep one grid's records per --results folder")
+            self.teacher = found[0] if found else None
         self.identity = json.loads(json.dumps({**self.config, "teacher": self.teacher or self.config["teacher"]},
                                               sort_keys=True, default=str))
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:10]
@@ -161,9 +191,10 @@ class Run:
         return os.path.join(results, "records", self.name)
 
 
-def plan(methods, studies, preset, seeds, extra, only=None):
+def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
     """The grid as runs, deduplicated by identity (rows shared between studies are one run), and
-    {(study, method): [(setting, {seed: Run})]} for the tables. only: the row names to keep (None: all)."""
+    {(study, method): [(setting, {seed: Run})]} for the tables. only: the row names to keep (None: all);
+    teachers: see Run."""
     runs, tables = {}, {}
     for method in methods:
         for study in studies:
@@ -173,7 +204,7 @@ def plan(methods, studies, preset, seeds, extra, only=None):
                     continue
                 by_seed = {}
                 for seed in seeds:
-                    run = Run(method, flags, preset, seed, extra)
+                    run = Run(method, flags, preset, seed, extra, teachers)
                     run = runs.setdefault(run.name, run)
                     run.settings.append(f"{study}:{setting}")
                     by_seed[seed] = run
@@ -643,11 +674,11 @@ def covariate_shift(out, n=256, ref_steps=64, device="cpu", memo=None):
 
 def shift_record(run, runs_dir, results, n, device, memo):
     """The run's covariate-shift curves, computed from its checkpoint once and kept in its record
-    (shift<n>.json), so the diagnostic too regenerates from committed records."""
+    (shift<n>.json), so the diagnostic too regenerates from committed records. runs_dir None: records only."""
     path = os.path.join(run.record(results), f"shift{n}.json")
     if not os.path.isfile(path):
-        out = os.path.join(runs_dir, run.name)
-        if not os.path.isfile(os.path.join(out, "ckpt.pt")):
+        out = os.path.join(runs_dir or "", run.name)
+        if runs_dir is None or not os.path.isfile(os.path.join(out, "ckpt.pt")):
             return None
         gap_fwd, gap_own = covariate_shift(out, n, device=device, memo=memo)
         write_json(path, dict(forward=gap_fwd, own=gap_own, samples=n))
@@ -733,6 +764,9 @@ def parse_args(argv=None):
                         "cifar10 1000)")
     p.add_argument("--device", default="auto", help="device for the shared caches and the diagnostic (runs pick their own)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state (done, running, ...) and exit")
+    p.add_argument("--tables", action="store_true",
+                   help="only write the tables from the records in --results (the teacher is the one they "
+                        "recorded: nothing is trained, no checkpoint is read); an error if a run has no record")
     g = p.add_argument_group("launching the runs")
     g.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: subprocesses on this machine, --jobs at a time; slurm: one submitit job per run")
@@ -780,10 +814,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, extra = parse_args(argv)
-    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+    teachers = recorded_teachers(args.results) if args.tables else None
+    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, teachers)
     if not runs:
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
-    if any(run.teacher is None for run in runs):
+    if args.tables:
+        missing = [run for run in runs if run.teacher is None or not is_done(run, args.results)]
+        if missing:
+            raise common.UserError(f"--tables: {len(missing)} of {len(runs)} runs have no record in {args.results}, "
+                                   f"e.g. {' '.join(missing[0].argv)}; run the grid without --tables")
+    elif any(run.teacher is None for run in runs):
         if args.dry_run:
             print("the grid's teacher (--teacher auto) is not trained yet: it is trained first; run names below "
                   "will change once it exists")
@@ -797,7 +837,7 @@ def main(argv=None):
         for run in runs:
             print(f"{states[run.name]:8} {run.name}  {' '.join(run.settings)}  {' '.join(run.argv)}")
         return None
-    todo = [run for run in runs if states[run.name] in ("todo", "failed", "lost")]
+    todo = [] if args.tables else [run for run in runs if states[run.name] in ("todo", "failed", "lost")]
     if todo:
         shared = {}                                     # made once, before the fan-out: never raced
         for run in todo:
@@ -825,7 +865,8 @@ def main(argv=None):
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
         write_outputs(summary, cols, study, method, args.preset, ref, args.seeds, configs, args.results)
         if study == "paper" and args.shift_samples:
-            write_shift(method, args.preset, rows, args.runs, args.results, args.shift_samples, args.device)
+            write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,
+                        args.shift_samples, args.device)
     return runs
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1859,6 +1860,16 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
+    # --tables: nor the teacher either (its checkpoint gone): the one the records name is taken.
+    os.remove(tmp_path / "results" / "paper-lcm.md")
+    argv = ["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--tables", "--runs", str(tmp_path / "empty"),
+            "--results", str(tmp_path / "results"), "--shift-samples", "0", "--",
+            *[a if a != teacher_ckpt else str(tmp_path / "gone.pt") for a in extra]]
+    ablate.main(argv)
+    assert open(tmp_path / "results" / "paper-lcm.md").read() == table
+    shutil.rmtree(tmp_path / "results" / "records" / runs[0].name)
+    with pytest.raises(common.UserError, match="1 of 6 runs have no record"):
+        ablate.main(argv)
 
 
 # --- Grids beyond one process: the local launcher, submitit, concurrent ablate.py (issue 17) ---
