@@ -677,8 +677,8 @@ def shift_record(run, runs_dir, results, n, device, memo):
     (shift<n>.json), so the diagnostic too regenerates from committed records. runs_dir None: records only."""
     path = os.path.join(run.record(results), f"shift{n}.json")
     if not os.path.isfile(path):
-        out = os.path.join(runs_dir or "", run.name)
-        if runs_dir is None or not os.path.isfile(os.path.join(out, "ckpt.pt")):
+        out = runs_dir and os.path.join(runs_dir, run.name)
+        if not out or not os.path.isfile(os.path.join(out, "ckpt.pt")):
             return None
         gap_fwd, gap_own = covariate_shift(out, n, device=device, memo=memo)
         write_json(path, dict(forward=gap_fwd, own=gap_own, samples=n))

@@ -1860,7 +1860,7 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
-    # --tables: nor the teacher either (its checkpoint gone): the one the records name is taken.
+    # --tables needs no teacher either (its checkpoint gone here): it takes the one the records name.
     os.remove(tmp_path / "results" / "paper-lcm.md")
     argv = ["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--tables", "--runs", str(tmp_path / "empty"),
             "--results", str(tmp_path / "results"), "--shift-samples", "0", "--",
