@@ -819,7 +819,7 @@ def main(argv=None):
     if not runs:
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
     if args.tables:
-        missing = [run for run in runs if run.teacher is None or not is_done(run, args.results)]
+        missing = [run for run in runs if not is_done(run, args.results)]     # with no recorded teacher: no record
         if missing:
             raise common.UserError(f"--tables: {len(missing)} of {len(runs)} runs have no record in {args.results}, "
                                    f"e.g. {' '.join(missing[0].argv)}; run the grid without --tables")
@@ -837,7 +837,7 @@ def main(argv=None):
         for run in runs:
             print(f"{states[run.name]:8} {run.name}  {' '.join(run.settings)}  {' '.join(run.argv)}")
         return None
-    todo = [] if args.tables else [run for run in runs if states[run.name] in ("todo", "failed", "lost")]
+    todo = [run for run in runs if states[run.name] in ("todo", "failed", "lost")]     # --tables: none
     if todo:
         shared = {}                                     # made once, before the fan-out: never raced
         for run in todo:
