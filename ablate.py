@@ -157,7 +157,7 @@ def recorded_teachers(results):
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, name, "ablate.json")
         if os.path.isfile(path):
-            identity = read_json(path)["identity"]
+            identity = read_json(path, "identity")["identity"]
             teachers = index.setdefault(_without_teacher(identity), [])
             if identity["teacher"] not in teachers:
                 teachers.append(identity["teacher"])
@@ -215,9 +215,15 @@ def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
 
 # --- Running ---
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path, *keys):
+    """A JSON file of a run or record, which must hold `keys`; unreadable, not JSON (a truncated copy) or
+    lacking one is a one-line error."""
+    data = common.read_json(path)
+    lacking = [k for k in keys if k not in data]
+    if lacking:
+        raise common.UserError(f"{path}: no {', '.join(lacking)}; delete the record or run directory that holds it "
+                               "and rerun the grid to redo that run")
+    return data
 
 
 def write_json(path, data):
@@ -232,7 +238,7 @@ def is_done(run, results):
     rec = run.record(results)
     if not (os.path.isfile(os.path.join(rec, "ablate.json")) and os.path.isfile(os.path.join(rec, "metrics.json"))):
         return False
-    if read_json(os.path.join(rec, "ablate.json"))["identity"] != run.identity:
+    if read_json(os.path.join(rec, "ablate.json"), "identity")["identity"] != run.identity:
         raise common.UserError(f"{rec}: recorded with other settings than this grid asks for; move it away")
     return True
 
@@ -327,7 +333,7 @@ def run_state(run, runs_dir, results):
     job_file = os.path.join(out, "submitit", "job.json")
     if not os.path.isfile(job_file):
         return "todo"
-    job = read_json(job_file)
+    job = read_json(job_file, "cluster", "job_id")
     try:
         import submitit
         if job["cluster"] == "slurm":
@@ -456,7 +462,7 @@ def read_record(run, results):
     drift = [k for k in keys if k.startswith("drift") and isinstance(m.get(k), list)]
     if drift:
         row["drift"] = m[drift[0]]
-    row["wall_min"] = read_json(os.path.join(rec, "ablate.json"))["wall_s"] / 60
+    row["wall_min"] = read_json(os.path.join(rec, "ablate.json"), "wall_s")["wall_s"] / 60
     return row
 
 
@@ -530,6 +536,20 @@ def summarise(results, ref):
                     row[f"d_{c}"], row[f"d_{c}_lo"], row[f"d_{c}_hi"] = mean, lo, hi
         rows.append(row)
     return rows, cols
+
+
+def check_complete(results, rows, study, method, records):
+    """Every run of a table has every metric the table shows: a record that lacks one (an evaluation
+    cut short, an edited file) is an error, never a silently smaller sample of seeds."""
+    cols = columns(results)
+    for setting, by_seed in rows:
+        for seed, run in by_seed.items():
+            lacking = [k for k in cols.values() if k not in results[setting][seed]]
+            if lacking:
+                raise common.UserError(
+                    f"{os.path.join(run.record(records), 'metrics.json')} lacks {', '.join(lacking[:3])}"
+                    f"{' ...' if len(lacking) > 3 else ''}, which other runs of the {study}-{method} table have; "
+                    "delete that record and rerun the grid to redo the run")
 
 
 def held_fixed(configs):
@@ -795,9 +815,11 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of integers")
+        args.seeds = [common._seed(s) for s in args.seeds.split(",")]
+    except argparse.ArgumentTypeError:
+        p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of seeds (integers >= 0)")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"argument --seeds: {','.join(map(str, args.seeds))} repeats a seed (each seed is one run per row)")
     if args.preset == "auto":
         args.preset = "cifar10" if torch.cuda.is_available() else "smoke"
     if args.device == "auto":
@@ -861,6 +883,7 @@ def main(argv=None):
     for (study, method), rows in tables.items():
         results = {setting: {s: read_record(run, args.results) for s, run in by_seed.items()} for setting, by_seed in rows}
         ref = reference(study, method)
+        check_complete(results, rows, study, method, args.results)
         summary, cols = summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
         write_outputs(summary, cols, study, method, args.preset, ref, args.seeds, configs, args.results)

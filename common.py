@@ -13,6 +13,7 @@ Range contract (stated once, used everywhere):
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -482,10 +483,14 @@ def image_folder(path, split="train", limit=None):
         read = lambda n: open(os.path.join(path, n), "rb")
     else:
         raise UserError(f"--data-dir {path}: expected a directory or .zip holding {split}/<class>/<image>")
-    names = sorted(names)
+    hidden = lambda n: any(part.startswith(".") or part == "__MACOSX" for part in n.split("/"))
+    names = sorted(n for n in names if not hidden(n) and len(n.split("/")) == 3)    # .DS_Store, ._x.png ...
     classes = sorted({n.split("/")[1] for n in names})
     if not names:
         raise UserError(f"--data-dir {path}: no images under {split}/<class>/")
+    if len(classes) > NUM_CLASSES:      # label NUM_CLASSES is the guidance null label; more do not fit the UNet
+        raise UserError(f"--data-dir {path}: {len(classes)} class folders under {split}/ ({', '.join(classes[:12])}"
+                        f"{' ...' if len(classes) > 12 else ''}); this code trains at most {NUM_CLASSES} classes")
     if limit is not None:   # an evenly spread slice keeps every class
         names = [names[i] for i in np.linspace(0, len(names) - 1, min(limit, len(names))).round().astype(int)]
     images = []
@@ -635,6 +640,21 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def untouched_rng():
+    """Run a block (a mid-run evaluation: it builds networks and draws noise) without moving the training
+    streams: Python's, NumPy's and torch's RNG states are restored after it, so a run resumed from the
+    checkpoint saved before the block continues bitwise as the uninterrupted run does."""
+    import random
+    py, npy, pt = random.getstate(), np.random.get_state(), rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        set_rng_state(pt)
+
+
 # --- Checkpoints: one dict, written atomically, resumed automatically ---
 
 def save_checkpoint(path, state):
@@ -647,6 +667,7 @@ def save_checkpoint(path, state):
             if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
                 raise UserError(f"step {state.get('step')}: non-finite weights in {name}.{k}; not saved, the last good "
                                 f"checkpoint {path} is kept (the run diverged: lower --lr)")
+    remove_stale_temporaries(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     _WRITE["busy"] = True               # a second Ctrl-C now waits for the write (GracefulStop)
     try:
@@ -655,6 +676,12 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:    # disk full, quota, read-only: torch.save reports some as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)              # a partial file would keep the disk full for every rerun
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:100]
+        raise UserError(f"cannot write the checkpoint {path} ({why}); the last complete checkpoint is kept: "
+                        "free some space and rerun the same command to resume") from None
     finally:
         _WRITE["busy"] = False
     if _WRITE.pop("exit", False):
@@ -663,6 +690,42 @@ def save_checkpoint(path, state):
 
 
 _WRITE = {"busy": False}     # a checkpoint is being written; "exit": a second Ctrl-C came meanwhile
+
+
+def remove_stale_temporaries(path):
+    """Delete `path.<pid>.tmp` files left by writers that died mid-write (kill -9, a full disk): a
+    temporary of a live process is left alone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for f in os.listdir(folder):
+        pid = f[len(name) + 1:-len(".tmp")]
+        if f.startswith(name + ".") and f.endswith(".tmp") and pid.isdigit() and not pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, f))
+            except FileNotFoundError:
+                pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def resuming(path):
+    """Around a resume: a checkpoint whose networks, optimisers or keys do not fit the ones this run builds
+    (the teacher it was distilled from was replaced by one of another width, a file from another version)
+    is a one-line error naming it, never a traceback."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} does not fit this run ({type(e).__name__}: {first}); was its teacher replaced "
+                        "since it started? Start a new run (another --out) or restore that teacher") from None
 
 
 def load_checkpoint(path, device="cpu"):
@@ -754,7 +817,8 @@ def end_of_step(args, step, save, stop, evaluate):
     if step % args.save_every == 0 or step == args.iters or stop.requested or due:
         save()                                   # the evaluation reads the checkpoint
     if due:
-        evaluate()
+        with untouched_rng():       # the checkpoint above holds the RNG state: training must go on from it
+            evaluate()
     if stop.requested:
         raise Stopped(f"stopped at step {step}; rerun the same command to resume")
 
@@ -768,9 +832,8 @@ def finished(args, step):
         path = os.path.join(args.out, "metrics.json")
         if not os.path.isfile(path):
             return False
-        with open(path) as f:
-            if json.load(f).get("evals", {}).get(str(args.eval_samples), {}).get("step") != step:
-                return False
+        if read_json(path).get("evals", {}).get(str(args.eval_samples), {}).get("step") != step:
+            return False
     print(f"{args.out} is finished (step {step}); nothing to do (--reevaluate redoes its samples and metrics; "
           f"python eval.py {args.out} --samples N evaluates it at another count)")
     return True
@@ -839,6 +902,27 @@ def run_dir_in_use(out):
     return False
 
 
+def read_json(path):
+    """A JSON file a run left (config.json, metrics.json, ...) as a dict; unreadable, not JSON (a file cut
+    short) or not an object is a one-line error naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:80]}); restore or delete it (a run "
+                        "directory whose config.json is gone starts afresh)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object; restore or delete it")
+    return data
+
+
+def _parse_line(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _settings(config):
     return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
 
@@ -856,8 +940,7 @@ def prepare_run(args, method):
         raise UserError(f"--out {args.out}: cannot create or write the run directory ({e.strerror})") from None
     path = os.path.join(args.out, "config.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path)
         if old.get("method") != method:
             raise UserError(f"--out {args.out} holds a {old.get('method')} run, not a {method} one; give another --out")
         new = _settings({"method": method, **vars(args)})
@@ -885,7 +968,9 @@ class RunLog:
         if os.path.isfile(self.path):      # resumed: drop lines written after the checkpoint (they recur)
             with open(self.path) as f:
                 every = f.readlines()
-            lines = [line for line in every if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            # a line that is not JSON (cut short by a crash mid-write) is dropped with the rest past the checkpoint
+            lines = [line for line in every if isinstance(_parse_line(line), dict)
+                     and _parse_line(line).get("step", 0) <= start_step and line.endswith("\n")]
             if lines != every:                       # rewritten only when something is dropped
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(lines)
@@ -994,7 +1079,9 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`prog: error: ...`, no usage dump) and defaults in --help."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=_Formatter, **kw)
+        # no abbreviations: `--pres gmm` is an error, never --preset (ablate.py's guard on the flags it sets
+        # after `--` relies on it, and a flag added later can never change what an old command meant)
+        super().__init__(formatter_class=_Formatter, allow_abbrev=False, **kw)
 
     def error(self, message):
         raise SystemExit(f"{self.prog}: error: {message}")
@@ -1037,6 +1124,53 @@ def _positive_int(s):
     return n
 
 
+def _number(s):
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a finite number")
+    return x
+
+
+def _positive(s):
+    """A finite number > 0 (learning rates, scales): nan and inf are refused, not trained with."""
+    x = _number(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be > 0")
+    return x
+
+
+def _nonnegative(s):
+    """A finite number >= 0 (0 usually switches the thing off)."""
+    x = _number(s)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be >= 0")
+    return x
+
+
+def _seed(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not 0 <= n < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{s!r} must lie in [0, 2**63)")
+    return n
+
+
+def _int_list(s):
+    """'1,2,2' -> (1, 2, 2): positive integers, comma-separated."""
+    try:
+        v = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+    if not v or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: every entry must be a positive integer")
+    return v
+
+
 def _count(s):
     return 0 if s.strip() == "0" else _positive_int(s)
 
@@ -1069,19 +1203,19 @@ def add_common_args(p, student=True):
     if student:
         g.add_argument("--teacher", default="auto",
                        help="teacher checkpoint PATH, or auto: reuse (or train with teacher.py) runs/teacher-<preset>-s0")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", type=_nonnegative, default=None,
                    help="classifier-free guidance scale w of the teacher: 1 = none (the conditional model), 0 = the "
                         "unconditional model, between them weaker and above 1 stronger conditioning; w < 0 is refused "
                         "(preset)")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything random in training")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of everything random in training")
     g.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
     g.add_argument("--out", default=None, help="run directory (default runs/<method>-<preset>-<settings>-s<seed>)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=_positive_int, default=None, help="training iterations (preset)")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="examples per iteration (preset)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (preset)")
-    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used for sampling (preset)")
+    g.add_argument("--lr", type=_positive, default=None, help="AdamW learning rate (preset)")
+    g.add_argument("--ema", type=_fraction, default=None, help="EMA decay of the weights used for sampling (preset)")
     g.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="bf16 autocast (CUDA only)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
     g = p.add_argument_group("logging, checkpoints and evaluation")
@@ -1159,6 +1293,24 @@ _NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "data_
                  "log_every", "save_every", "eval_every", "eval_samples", "iters"}
 
 
+def check_device(name):
+    """--device as given ('auto': cuda when available), checked: a one-line error for what is no device here."""
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this code runs on cpu or cuda")
+    if device.type == "cuda" and not cuda:
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 def resolve(p, args, method, presets, default_source=None, sample_clip=False):
     """Fill preset values, expand --ddil / --reflected, validate, name the run directory.
     presets: {'smoke': {dest: value}, 'cifar10': {...}} for every flag whose default is None.
@@ -1167,18 +1319,7 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
                 and getattr(args, a.dest) != a.default]
     name = "-".join(a.dest if a.const is True else f"{a.dest}={_compact(getattr(args, a.dest))}" for a in settings)
     cuda = torch.cuda.is_available()
-    if args.device == "auto":
-        args.device = "cuda" if cuda else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1 ...)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {args.device}: this code runs on cpu or cuda")
-    if device.type == "cuda" and not cuda:
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    args.device = check_device(args.device)
     if args.preset == "auto":
         args.preset, args.preset_reason = ("cifar10", "auto: CUDA present") if cuda else ("smoke", "auto: no CUDA")
     else:
@@ -1282,3 +1423,8 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr, flush=True)
         raise SystemExit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror}); free some space or fix "
+                         "the permissions, then rerun the same command to resume")

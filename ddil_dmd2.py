@@ -82,19 +82,19 @@ def parse_args(argv=None):
     g = p.add_argument_group("DMD2 (Yin et al. 2024)")
     g.add_argument("--steps", type=common._positive_int, default=4,
                    help="K: generator steps; G is trained and sampled at τ_k = 1 - k/K, k = 0..K-1")
-    g.add_argument("--min-t", type=float, default=0.02, help="t_min of the distribution-matching time t ~ U[t_min, t_max]")
-    g.add_argument("--max-t", type=float, default=0.98, help="t_max of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--min-t", type=common._fraction, default=0.02, help="t_min of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--max-t", type=common._fraction, default=0.98, help="t_max of the distribution-matching time t ~ U[t_min, t_max]")
     g.add_argument("--fake-updates", type=common._positive_int, default=5,
                    help="critic (fake score μ_fake) updates per generator update: the two time-scale rule")
-    g.add_argument("--lr-critic", type=float, default=None, help="AdamW learning rate of the critic μ_fake (preset)")
+    g.add_argument("--lr-critic", type=common._positive, default=None, help="AdamW learning rate of the critic μ_fake (preset)")
     g.add_argument("--warmup", type=common._count, default=0, help="linear learning-rate warm-up iterations of both networks")
-    g.add_argument("--grad-clip", type=float, default=10.0,
+    g.add_argument("--grad-clip", type=common._nonnegative, default=10.0,
                    help="clip each network's gradient to this global L2 norm (DMD2's max_grad_norm); 0 = off")
-    g.add_argument("--gan-weight", type=float, default=0.0,
+    g.add_argument("--gan-weight", type=common._nonnegative, default=0.0,
                    help="λ_GAN of the generator's GAN loss softplus(-D(x)); 0 = no GAN head. Our default (no GAN, "
                         "CFG real score) is DMD2's text-to-image recipe; its class-conditional ImageNet recipe is "
                         "--gan-weight 3e-3 --guidance 1. Match dm_grad_norm and gan_grad_norm in the log to set it")
-    g.add_argument("--gan-critic-weight", type=float, default=1e-2,
+    g.add_argument("--gan-critic-weight", type=common._nonnegative, default=1e-2,
                    help="weight of the head's loss softplus(-D(real)) + softplus(D(fake)) in the critic's loss "
                         "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
     common.preset_help(p, PRESETS)
@@ -217,11 +217,11 @@ def make_generator(ckpt, device):
 def train(args):
     common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
     teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
+    ckpt_path = common.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     student, ema, critic = (common.build_unet(unet_config, device) for _ in range(3))
     for net in (student, ema, critic):          # G, its EMA and μ_fake all start as the teacher
@@ -235,14 +235,15 @@ def train(args):
     clip_teacher, clip_critic, clip_student = clip_specs(args)
     step = 0
     if os.path.exists(ckpt_path):                               # resume
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        for name, net in (("student", student), ("ema", ema), ("critic", critic), ("head", head)):
-            if net is not None:
-                net.load_state_dict(ckpt["nets"][name])
-        opt_g.load_state_dict(ckpt["opts"]["student"]), opt_c.load_state_dict(ckpt["opts"]["critic"])
-        sampler.load_state_dict(ckpt["sampler"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = common.load_checkpoint(ckpt_path, device)
+            for name, net in (("student", student), ("ema", ema), ("critic", critic), ("head", head)):
+                if net is not None:
+                    net.load_state_dict(ckpt["nets"][name])
+            opt_g.load_state_dict(ckpt["opts"]["student"]), opt_c.load_state_dict(ckpt["opts"]["critic"])
+            sampler.load_state_dict(ckpt["sampler"])
+            common.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     print(f"DMD2: K = {args.steps} steps, priors (fwd, teacher, student) = {args.priors}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters per network")

@@ -76,12 +76,12 @@ def parse_args(argv=None):
     g.add_argument("--loss", choices=["huber", "l2"], default="huber",
                    help="d: pseudo-Huber sqrt(‖Δ‖² + c²) - c over the image (iCT, robust to outlier targets) "
                         "or l2: per-pixel mean of Δ²")
-    g.add_argument("--huber-c", type=float, default=0.03,
+    g.add_argument("--huber-c", type=common._positive, default=0.03,
                    help="c of the pseudo-Huber d: iCT's 0.00054 sqrt(D) for D = 3·32·32 pixels")
-    g.add_argument("--timestep-scaling", type=float, default=10.0,
+    g.add_argument("--timestep-scaling", type=common._positive, default=10.0,
                    help="LCM's boundary scaling: c_skip, c_out are evaluated at s t with s = 1000 × this (LCM: 10)")
     g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
-    g.add_argument("--grad-clip", type=float, default=1.0,
+    g.add_argument("--grad-clip", type=common._nonnegative, default=1.0,
                    help="clip the gradient norm of θ (diffusers' LCM distillation script: max_grad_norm 1.0); 0 = off")
     common.preset_help(p, PRESETS)
     args = p.parse_args(argv)
@@ -226,11 +226,11 @@ def make_generator(ckpt, device):
 def train(args):
     common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
     teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
+    ckpt_path = common.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     # student θ (online), target θ⁻ (LCM's EMA, part of the loss), ema (evaluation weights): all start
     # as the teacher's EMA weights.
@@ -242,13 +242,14 @@ def train(args):
     sampler = common.make_sampler(args, data)
     step = 0
     if os.path.exists(ckpt_path):                                             # resume
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        for name, net in nets.items():
-            net.load_state_dict(ckpt["nets"][name])
-        opt.load_state_dict(ckpt["opts"]["student"])
-        sampler.load_state_dict(ckpt["sampler"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = common.load_checkpoint(ckpt_path, device)
+            for name, net in nets.items():
+                net.load_state_dict(ckpt["nets"][name])
+            opt.load_state_dict(ckpt["opts"]["student"])
+            sampler.load_state_dict(ckpt["sampler"])
+            common.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     print(f"LCM student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters; skeleton "
           f"N={args.solver_steps}, k={args.skip}; sampling times {sampling_times(args.solver_steps, args.steps)}; "

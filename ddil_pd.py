@@ -79,7 +79,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=common._count, default=None,
                    help="learning-rate warm-up iterations at the start of each round; the rate then "
                         "anneals linearly to 0 by the round's end (Google's PD configs) (preset)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm of θ (0 = off)")
+    g.add_argument("--grad-clip", type=common._nonnegative, default=1.0, help="clip the gradient norm of θ (0 = off)")
     common.preset_help(p, PRESETS)
     args = p.parse_args(argv)
     common.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
@@ -182,11 +182,11 @@ def make_generator(ckpt, device):
 def train(args):
     common.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
-    ckpt_path = common.prepare_run(args, METHOD)
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
     teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
+    ckpt_path = common.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     student = common.build_unet(unet_config, device)
     student.load_state_dict(teacher_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
@@ -201,15 +201,16 @@ def train(args):
     # code (which distils from the previous stage's EMA params) we copy the EMA, the net we sample with.
     round_teacher, step, rnd = teacher, 0, 0
     if os.path.exists(ckpt_path):                                         # resume
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        student.load_state_dict(ckpt["nets"]["student"]), ema.load_state_dict(ckpt["nets"]["ema"])
-        opt.load_state_dict(ckpt["opts"]["student"])
-        sampler.load_state_dict(ckpt["sampler"])
-        step, rnd = ckpt["step"], ckpt["round"]
-        if rnd > 0:                                   # deepcopy, not build_unet: no draws from the RNG
-            round_teacher = copy.deepcopy(ema).eval()
-            round_teacher.load_state_dict(ckpt["nets"]["round_teacher"])
-        common.set_rng_state(ckpt["rng"])                                 # last: nothing may draw after it
+        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = common.load_checkpoint(ckpt_path, device)
+            student.load_state_dict(ckpt["nets"]["student"]), ema.load_state_dict(ckpt["nets"]["ema"])
+            opt.load_state_dict(ckpt["opts"]["student"])
+            sampler.load_state_dict(ckpt["sampler"])
+            step, rnd = ckpt["step"], ckpt["round"]
+            if rnd > 0:                                   # deepcopy, not build_unet: no draws from the RNG
+                round_teacher = copy.deepcopy(ema).eval()
+                round_teacher.load_state_dict(ckpt["nets"]["round_teacher"])
+            common.set_rng_state(ckpt["rng"])                                 # last: nothing may draw after it
         print(f"resumed from {ckpt_path} at step {step} (round {rnd + 1})")
     starts = round_starts(args)
     print(f"PD rounds (student steps): {[student_steps(args, r) for r in range(num_rounds(args))]}, "

@@ -361,7 +361,9 @@ def train_classifier(images, labels, spec, device, progress=True):
     x, y = images.to(device).float() / 127.5 - 1, labels.to(device)
     held = torch.arange(len(x), device=device) % 10 == 0
     xt, yt, xv, yv = x[~held], y[~held], x[held], y[held]
-    net = classifier_net(spec["widths"], spec["stem_stride"]).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)                             # the initial weights too: one classifier per data set
+        net = classifier_net(spec["widths"], spec["stem_stride"]).to(device)
     bs = min(spec["batch_size"], len(xt))
     opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     per_epoch = len(xt) // bs
@@ -753,8 +755,7 @@ def evaluate_run(run_dir, n_samples=None, device=None, **options):
     config_path, ckpt_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(config_path):
         raise common.UserError(f"{run_dir}: not a run directory (no config.json)")
-    with open(config_path) as f:
-        method = json.load(f).get("method")
+    method = common.read_json(config_path).get("method")
     if method not in METHOD_MODULES:
         raise common.UserError(f"{config_path}: unknown method {method!r} (expected one of {', '.join(METHOD_MODULES)})")
     device = device or default_device()
@@ -840,8 +841,7 @@ def merge_metrics(path, metrics, record):
     """Add metrics to the JSON file at path (other keys kept), evals[N] = record, append to history."""
     data = {}
     if os.path.isfile(path):
-        with open(path) as f:
-            data = json.load(f)
+        data = common.read_json(path)
     data.update(metrics)
     skipped = {k: v for k, v in {**data.get("skipped", {}), **record.get("skipped", {})}.items() if k not in metrics}
     data.pop("skipped", None)
@@ -878,8 +878,12 @@ def load_image_files(path, part=slice(None), flag="--images"):
         raise common.UserError(f"{flag} {path}: no images ({', '.join(IMAGE_EXTS)}) in the selected slice")
     images = []
     for n in common.progress(names, f"read {os.path.basename(path)}"):
-        with read(n) as f:
-            images.append(np.asarray(Image.open(f).convert("RGB")))
+        try:
+            with read(n) as f:
+                images.append(np.asarray(Image.open(f).convert("RGB")))
+        except Exception as e:         # not an image, truncated, a bad CRC in the zip ...
+            raise common.UserError(f"{flag} {path}: {n} is not a readable image ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:80] if str(e) else ''})") from None
     if len({im.shape for im in images}) > 1:
         raise common.UserError(f"{flag} {path}: images of different sizes; resize them to one size first")
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
@@ -909,6 +913,8 @@ def _slice(s):
         raise argparse.ArgumentTypeError(f"{s!r}: give START:STOP[:STEP] with integers") from None
     if len(parts) not in (2, 3):
         raise argparse.ArgumentTypeError(f"{s!r}: give START:STOP[:STEP]")
+    if len(parts) == 3 and parts[2] is not None and parts[2] <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: STEP must be a positive integer")
     return slice(*parts)
 
 
@@ -922,7 +928,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("what to evaluate (one of: RUN_DIR, --teacher, --images, --time-features)")
     g.add_argument("--teacher", metavar="PATH", help="a teacher checkpoint: evaluate its DDIM sampler (--steps)")
     g.add_argument("--steps", type=common._positive_int, default=32, help="DDIM steps of --teacher")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale w of --teacher; None: its training value")
+    g.add_argument("--guidance", type=common._nonnegative, default=None, help="CFG scale w of --teacher; None: its training value")
     g.add_argument("--images", metavar="PATH", help="a folder or .zip of images (sorted by path): FID and PRDC only")
     g.add_argument("--slice", type=_slice, default=":", metavar="A:B[:S]", help="which of the sorted --images")
     g.add_argument("--time-features", type=common._positive_int, metavar="N",
@@ -961,8 +967,11 @@ def parse_args(argv=None):
         raise common.UserError("--samples: --images scores all the images of its --slice")
     if args.ref_images and not args.images:
         raise common.UserError("--ref-images is a reference for --images only")
-    if args.device == "auto":
-        args.device = default_device()
+    args.device = common.check_device(args.device)
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.out):
+            raise common.UserError(f"--out {args.out}: cannot write there (give a file path in a writable folder)")
     args.classifier = None if args.classifier == "auto" else args.classifier
     return args
 
@@ -976,12 +985,15 @@ def main(argv=None):
     if args.run_dir:
         if args.out:
             raise common.UserError("--out: a run directory always writes RUN_DIR/metrics.json")
+        if common.run_dir_in_use(args.run_dir):
+            raise common.UserError(f"{args.run_dir} is being trained by another process; evaluate it once that "
+                                   "process has finished (its metrics.json is written by the run itself)")
         return evaluate_run(args.run_dir, args.samples, args.device, ref_steps=args.ref_steps, **opts)
     if args.teacher:
         import teacher
         if not os.path.isfile(args.teacher):
             raise common.UserError(f"--teacher {args.teacher}: no such checkpoint")
-        ckpt = common.load_checkpoint(args.teacher, args.device)
+        _, ckpt = common.load_teacher(args.teacher, args.device)     # a student's checkpoint: a one-line refusal
         generate = teacher.make_generator(ckpt, args.device, args.steps, args.guidance)
         sampler = f"ddim{args.steps}" + ("" if args.guidance is None else f"-w{args.guidance:g}")
         out = args.out or os.path.join(os.path.dirname(args.teacher), f"metrics-{sampler}.json")

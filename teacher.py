@@ -54,7 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--ch-mult", default=None, help="channel multiplier per resolution, e.g. 1,2,2,2 (preset)")
     g.add_argument("--num-blocks", type=common._positive_int, default=None, help="ResBlocks per resolution (preset)")
     g.add_argument("--attn-res", default="16", help="resolutions with self-attention, comma-separated")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in ResBlocks (preset)")
+    g.add_argument("--dropout", type=common._fraction, default=None, help="dropout in ResBlocks (preset)")
     g.add_argument("--p-uncond", type=common._fraction, default=0.1, help="label dropout for CFG (null class)")
     g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips of the data")
@@ -67,6 +67,13 @@ def parse_args(argv=None):
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r]
     except ValueError:
         raise common.UserError("--ch-mult / --attn-res: give comma-separated integers, e.g. 1,2,2,2") from None
+    if not args.ch_mult or min(args.ch_mult) <= 0:
+        raise common.UserError(f"--ch-mult {','.join(map(str, args.ch_mult))}: every multiplier must be a positive "
+                               "integer, e.g. 1,2,2,2")
+    resolutions = [32 >> level for level in range(len(args.ch_mult))]       # 32x32 images, halved per level
+    if set(args.attn_res) - set(resolutions):
+        raise common.UserError(f"--attn-res {','.join(map(str, args.attn_res))}: this UNet's resolutions are "
+                               f"{','.join(map(str, resolutions))} (attention at any other would never be used)")
     return args
 
 
@@ -119,10 +126,10 @@ def make_generator(ckpt, device, steps=32, guidance=None):
 
 def train(args):
     common.announce(args, "teacher")
-    ckpt_path = common.prepare_run(args, "teacher")
     device = torch.device(args.device)
     common.seed_everything(args.seed)
     data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
+    ckpt_path = common.prepare_run(args, "teacher")
     unet_config = dict(ch=args.ch, ch_mult=args.ch_mult, num_blocks=args.num_blocks, attn_res=args.attn_res,
                        dropout=args.dropout)
     net = common.build_unet(unet_config, device)
@@ -131,11 +138,12 @@ def train(args):
     opt = common.optimizer(net.parameters(), args.lr, device)
     step = 0
     if os.path.exists(ckpt_path):                               # resume
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        net.load_state_dict(ckpt["nets"]["model"]), ema.load_state_dict(ckpt["nets"]["ema"])
-        opt.load_state_dict(ckpt["opts"]["model"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = common.load_checkpoint(ckpt_path, device)
+            net.load_state_dict(ckpt["nets"]["model"]), ema.load_state_dict(ckpt["nets"]["ema"])
+            opt.load_state_dict(ckpt["opts"]["model"])
+            common.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in net.parameters())
     print(f"teacher UNet: {n_params / 1e6:.2f} M parameters, {len(data)} training images ({args.dataset})")

@@ -1489,15 +1489,21 @@ def test_metric_networks_run_without_tf32_and_the_cache_knows_the_device(monkeyp
             seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
             return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
     monkeypatch.setitem(evaluation._MEMO, ("inception", "cpu"), Recorder())
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    evaluation.inception_features(images, "cpu", progress=False)
-    net = evaluation.classifier_net((4, 4, 4, 4))
-    evaluation._logits(nn.Sequential(Recorder(), nn.Linear(2048, 10)), images.float())
+    # The two flags are read and written through torch's own properties (cuBLAS serves its flag
+    # from a module __getattr__), and restored here rather than by monkeypatch: its undo deletes
+    # an instance attribute the module never had under some pytest versions.
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        evaluation.inception_features(images, "cpu", progress=False)
+        evaluation._logits(nn.Sequential(Recorder(), nn.Linear(2048, 10)), images.float())
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert seen and all(s == (False, False) for s in seen)
-    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32      # restored after
+    assert after == (True, True)                                  # the caller's setting is restored
     ref = evaluation.reference(images, "train", True, "cpu", progress=False)
     assert ref["key"].endswith("-cpu")
 
@@ -1978,3 +1984,220 @@ def test_paired_delta_mean_and_t_interval():
     assert ddil["d_fid_train"] == pytest.approx(-1.0) and ddil["d_fid_train_hi"] < 0     # consistent on every seed: *
     assert ddil["fid_train"] == pytest.approx(10.0)
     assert ddil["fid_train_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
+
+
+# --- Resume and bad input: every resume exact, every bad input one line ---
+
+@pytest.mark.parametrize("module, nets", [(ddil_pd, ("student", "ema")), (lcm, ("student", "ema", "target")),
+                                          (ddil_dmd2, ("student", "ema", "critic"))])
+def test_a_run_with_mid_run_evaluations_resumes_bitwise(module, nets, teacher_ckpt, tmp_path, monkeypatch):
+    """--eval-every 3 --save-every 3, 6 iterations: one run uninterrupted, one killed at step 4 (after the
+    step-3 checkpoint and evaluation, before any later save) and resumed. The evaluation stands in for
+    eval.evaluate_run by doing what it does to the RNGs (builds a network, draws noise from torch, NumPy
+    and Python), so the final weights agree bit for bit only if the evaluation leaves the streams alone."""
+    import random
+    evaluated = []
+
+    def evaluate_run(run_dir, *a, **k):
+        evaluated.append(run_dir)
+        nn.Linear(8, 8), torch.randn(64), np.random.rand(8), random.random()
+    monkeypatch.setattr(evaluation, "evaluate_run", evaluate_run)
+    argv = ["--preset", "smoke", "--iters", "6", "--batch-size", "4", "--eval-every", "3", "--eval-samples", "10",
+            "--save-every", "3", "--seed", "5", "--teacher", teacher_ckpt, "--ddil", "--rollout-chunk", "2"]
+    module.main(argv + ["--out", str(tmp_path / "whole")])
+    assert evaluated.count(str(tmp_path / "whole")) == 2           # at step 3 and at the end
+
+    end_of_step = common.end_of_step
+
+    def killed_at_4(args, step, *rest):
+        if step == 4:
+            raise KeyboardInterrupt                                 # like kill -9: nothing saved at step 4
+        return end_of_step(args, step, *rest)
+    monkeypatch.setattr(common, "end_of_step", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(argv + ["--out", str(tmp_path / "resumed")])
+    assert common.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["step"] == 3
+    monkeypatch.setattr(common, "end_of_step", end_of_step)
+    module.main(argv + ["--out", str(tmp_path / "resumed")])
+    assert_same_nets(tmp_path / "whole" / "ckpt.pt", tmp_path / "resumed" / "ckpt.pt", nets)
+
+
+def test_the_evaluation_classifier_is_the_same_whatever_the_global_rng():
+    images = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(60) % 10
+    spec = dict(evaluation.CLASSIFIERS["tiny"], epochs=1)
+    nets = []
+    for seed in (0, 123):
+        torch.manual_seed(seed)
+        nets.append(evaluation.train_classifier(images, labels, spec, "cpu", progress=False)[0])
+        assert torch.initial_seed() == seed                         # and it never reseeds the caller's stream
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _record(results, name, metrics, seed, identity):
+    rec = os.path.join(results, "records", name)
+    os.makedirs(rec, exist_ok=True)
+    with open(os.path.join(rec, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    with open(os.path.join(rec, "ablate.json"), "w") as f:
+        json.dump(dict(identity=identity, wall_s=60.0), f)
+
+
+def test_a_record_lacking_a_metric_of_its_table_is_an_error_not_a_dropped_seed(tmp_path):
+    """Three seeds of two rows; one record's metrics.json is emptied: --tables must refuse, not average
+    the two seeds left (which gives another interval under the same 'seeds 0,1,2' header)."""
+    runs, tables = ablate.plan(["pd"], ["paper"], "smoke", [0, 1, 2], [], only=["baseline", "ddil"],
+                               teachers={})
+    rows = tables[("paper", "pd")]
+    results = {}
+    for setting, by_seed in rows:
+        results[setting] = {}
+        for seed, run in by_seed.items():
+            m = {"fd_px100_exact": 1.0 + seed + (setting == "ddil"),
+                 "evals": {str(run.config["eval_samples"]): {"metrics": ["fd_px100_exact"]}}}
+            run.config["eval_samples"] = run.config["eval_samples"]
+            _record(str(tmp_path), run.name, m, seed, run.identity)
+            results[setting][seed] = ablate.read_record(run, str(tmp_path))
+    ablate.check_complete(results, rows, "paper", "pd", str(tmp_path))          # complete: no error
+    victim = rows[1][1][2]
+    with open(os.path.join(victim.record(str(tmp_path)), "metrics.json"), "w") as f:
+        f.write("{}")
+    results["ddil"][2] = ablate.read_record(victim, str(tmp_path))
+    with pytest.raises(common.UserError, match=f"{victim.name}/metrics.json lacks fd_px100_exact"):
+        ablate.check_complete(results, rows, "paper", "pd", str(tmp_path))
+    with open(os.path.join(victim.record(str(tmp_path)), "metrics.json"), "w") as f:
+        f.write('{"evals": ')                                       # a truncated copy
+    with pytest.raises(common.UserError, match="metrics.json: unreadable"):
+        ablate.read_record(victim, str(tmp_path))
+
+
+def test_a_refused_start_writes_nothing_and_the_corrected_command_runs(tmp_path, teacher_ckpt):
+    student = tmp_path / "student.pt"
+    common.save_checkpoint(str(student), dict(step=1, unet={}, config={}, nets=dict(student={}, ema={})))
+    out = tmp_path / "run"
+    base = ["--preset", "smoke", "--iters", "2", "--batch-size", "4", "--eval-samples", "0", "--out", str(out)]
+    with pytest.raises(common.UserError, match="distilled student"):
+        ddil_pd.main(base + ["--teacher", str(student)])
+    with pytest.raises(common.UserError, match="--data-dir"):
+        ddil_pd.main(base + ["--teacher", teacher_ckpt, "--data-dir", str(tmp_path / "nothing.zip")])
+    assert not (out / "config.json").exists()
+    ddil_pd.main(base + ["--teacher", teacher_ckpt])                 # the corrected command is not refused
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+
+
+def test_stale_checkpoint_temporaries_are_removed_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = f"{path}.{int(dead.stdout)}.tmp", f"{path}.{os.getppid()}.tmp"
+    for f in (stale, live):
+        open(f, "wb").write(b"partial")
+    common.save_checkpoint(path, dict(step=1))
+    assert not os.path.exists(stale) and os.path.exists(live)       # a live writer's temporary is left alone
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(common.UserError, match="No space left on device.*last complete checkpoint is kept"):
+        common.save_checkpoint(path, dict(step=2))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", os.path.basename(live)])   # no partial file left
+    assert common.load_checkpoint(path)["step"] == 1
+
+
+def test_broken_run_files_resume_or_are_one_line_errors(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    common.RunLog(str(out), 10, start_step=2)                        # a crash mid-line: resumed, line dropped
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    (out / "config.json").write_text('{"method": "pd", ')
+    args = ddil_pd.parse_args(["--preset", "smoke", "--out", str(out)])
+    with pytest.raises(common.UserError, match="config.json: unreadable"):
+        common.prepare_run(args, "pd")
+    (out / "metrics.json").write_text("[1, 2")
+    with pytest.raises(common.UserError, match="metrics.json: unreadable"):
+        evaluation.merge_metrics(str(out / "metrics.json"), {"x": 1.0}, dict(n=1))
+
+
+def test_a_data_folder_skips_hidden_files_and_refuses_more_classes_than_the_unet_has(tmp_path):
+    png = _png_bytes()
+    for c in ("cat", "dog"):
+        (tmp_path / "ok" / "train" / c).mkdir(parents=True)
+        (tmp_path / "ok" / "train" / c / "0.png").write_bytes(png)
+    (tmp_path / "ok" / "train" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "ok" / "train" / "cat" / "._0.png").write_bytes(b"AppleDouble")
+    x, y = common.load_images("cifar10", str(tmp_path / "ok"))
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [0, 1]
+    for c in range(11):
+        (tmp_path / "many" / "train" / f"c{c:02d}").mkdir(parents=True)
+        (tmp_path / "many" / "train" / f"c{c:02d}" / "0.png").write_bytes(png)
+    with pytest.raises(common.UserError, match="11 class folders"):
+        common.load_images("cifar10", str(tmp_path / "many"))
+
+
+def test_a_resumed_student_whose_teacher_changed_width_is_one_line(tmp_path, teacher_ckpt):
+    teacher = str(tmp_path / "teacher.pt")
+    shutil.copyfile(teacher_ckpt, teacher)
+    argv = ["--preset", "smoke", "--iters", "2", "--batch-size", "4", "--eval-samples", "0",
+            "--out", str(tmp_path / "run"), "--teacher", teacher]
+    ddil_pd.main(argv)
+    wide = common.load_checkpoint(teacher)                          # the file replaced by a wider teacher
+    wide["unet"] = {**wide["unet"], "ch": wide["unet"]["ch"] * 2}
+    wide["nets"] = {k: common.build_unet(wide["unet"], "cpu").state_dict() for k in ("model", "ema")}
+    common.save_checkpoint(teacher, wide)
+    with pytest.raises(common.UserError, match="run/ckpt.pt does not fit this run"):
+        ddil_pd.main(argv)
+
+
+BAD_INPUTS = [   # (script, argv, what the one-line error must name)
+    ("ddil_dmd2.py", ["--lr-critic", "nan"], "--lr-critic"),
+    ("ddil_dmd2.py", ["--grad-clip", "nan"], "--grad-clip"),
+    ("ddil_dmd2.py", ["--gan-weight", "nan"], "--gan-weight"),
+    ("ddil_pd.py", ["--lr", "inf"], "--lr"),
+    ("ddil_lcm.py", ["--huber-c", "inf"], "--huber-c"),
+    ("ddil_lcm.py", ["--timestep-scaling", "inf"], "--timestep-scaling"),
+    ("teacher.py", ["--attn-res", "7"], "--attn-res"),
+    ("teacher.py", ["--dropout", "2"], "--dropout"),
+    ("teacher.py", ["--ch-mult", "0"], "--ch-mult"),
+    ("teacher.py", ["--seed", str(2 ** 64 + 1)], "--seed"),
+    ("ddil_pd.py", ["--pres", "gmm"], "--pres"),                    # no abbreviations
+    ("eval.py", ["--images", ".", "--slice", "0:10:0"], "--slice"),
+    ("eval.py", ["--time-features", "2", "--device", "tpu9"], "--device"),
+    ("eval.py", ["--images", ".", "--out", "/nonexistent/dir/m.json"], "--out"),
+    ("ablate.py", ["--method", "pd", "--study", "paper", "--seeds", "0,0"], "--seeds"),
+    ("ablate.py", ["--method", "pd", "--study", "paper", "--dry-run", "--", "--pres", "gmm"], "--pres"),
+]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_errors_naming_the_flag(tmp_path):
+    for script, argv, needle in BAD_INPUTS:
+        r = run([script, *(["--preset", "smoke"] if script not in ("eval.py", "ablate.py") else []), *argv,
+                 *(["--dry-run"] if script not in ("eval.py", "ablate.py") else [])])
+        assert r.returncode != 0, (script, argv, r.stdout[-300:])
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (script, argv, r.stderr)
+        assert needle in r.stderr, (script, argv, r.stderr)
+
+
+def test_eval_refuses_a_student_as_teacher_an_undecodable_image_and_a_run_in_training(tmp_path, teacher_ckpt):
+    student = tmp_path / "student.pt"
+    common.save_checkpoint(str(student), dict(step=1, unet={}, config={}, nets=dict(student={}, ema={})))
+    with pytest.raises(common.UserError, match="distilled student"):
+        evaluation.main(["--teacher", str(student), "--device", "cpu"])
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(common.UserError, match="a.png is not a readable image"):
+        evaluation.main(["--images", str(tmp_path / "imgs"), "--device", "cpu"])
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    holder = subprocess.Popen([PY, "-c", "import common, sys, time; common.lock_run_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(run_dir)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(common.UserError, match="being trained by another process"):
+            evaluation.main([str(run_dir), "--device", "cpu"])
+    finally:
+        holder.kill()
+        holder.wait()
