@@ -266,11 +266,14 @@ class RunJob:
     Called in this process (local launcher) or in a submitit job (SLURM). Submitit calls `checkpoint` when
     the job is preempted or about to time out: the run gets SIGTERM, saves at the next step boundary and
     exits; the job is requeued and the run resumes from its ckpt.pt. Returns 'done', 'busy' (the run
-    directory is in use by another worker: exit 75) or raises with the run's exit status."""
+    directory is in use by another worker: exit 75) or raises with the run's last error line.
+
+    Attempts and wall time are counted in <run>/attempts.json, not in this object: a job that SLURM
+    requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
 
     def __init__(self, run, runs_dir, results, env=None, log=None):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
-        self.wall_s, self.attempts, self._proc = 0.0, 0, None
+        self._proc = None
 
     def __call__(self):
         if is_done(self.run, self.results):             # finished by another worker meanwhile
@@ -278,24 +281,38 @@ class RunJob:
         out = os.path.join(self.runs_dir, self.run.name)
         cmd = [sys.executable, os.path.join(REPO, self.run.argv[0]), *self.run.argv[1:], "--out", out]
         os.makedirs(out, exist_ok=True)
+        count_path = os.path.join(out, "attempts.json")
+        counts = common.read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
+        counts["attempts"] += 1
+        write_json(count_path, counts)
         log = open(self.log, "a") if self.log else None
-        t0, self.attempts = time.time(), self.attempts + 1
+        t0 = time.time()
         try:
-            self._proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(self.env or {})},
+            env = {**os.environ, **(self.env or {})}
+            if "SLURM_CPUS_PER_TASK" in env and not (self.env or {}).get("OMP_NUM_THREADS"):
+                env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]      # the job's CPUs, not the node's
+            self._proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT if log else None)
             code = self._proc.wait()
         finally:
             self._proc = None
-            self.wall_s += time.time() - t0
+            counts["wall_s"] += time.time() - t0
+            write_json(count_path, counts)
             if log:
                 log.close()
         if code == 75:
             return "busy"
+        if code == 130 and os.environ.get("SLURM_JOB_ID"):
+            # Stopped by SLURM (scontrol requeue, preemption, scancel): the run saved its checkpoint. The job is
+            # being requeued or cancelled, and SLURM ends this process; returning now would write a 'failed'
+            # result for a job that is not over.
+            time.sleep(600)
         if code != 0:
-            raise RuntimeError(f"run failed (exit {code}): {' '.join(cmd[1:])}" + (f"; see {self.log}" if self.log else ""))
+            raise RuntimeError(f"{self.run.name}: exit {code}: {last_error_line(self.log)}"
+                               + (f"; full log {self.log}" if self.log else ""))
         if not os.path.isfile(os.path.join(out, "metrics.json")):
             raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-        save_record(self.run, out, self.results, dict(wall_s=self.wall_s, attempts=self.attempts))
+        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], attempts=counts["attempts"]))
         return "done"
 
     def checkpoint(self, *args, **kwargs):
@@ -320,6 +337,18 @@ class RunJob:
 
     def __getstate__(self):                             # pickled by submitit: no process handle
         return {**self.__dict__, "_proc": None}
+
+
+def last_error_line(log):
+    """The line of a run's log that says why it failed: its one-line `error:` if any, else the last line."""
+    if not log or not os.path.isfile(log):
+        return "(no log)"
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if line.startswith(("error:", "Traceback")) or ": error: " in line]
+    if errors and errors[-1].startswith("Traceback"):
+        return lines[-1][:300]
+    return (errors or lines or ["(empty log)"])[-1][:300]
 
 
 def run_state(run, runs_dir, results):
@@ -405,39 +434,89 @@ def launch_local(todo, args):
     return busy
 
 
-def launch_submitit(todo, args):
-    """One submitit job per run (SLURM, or --cluster local for processes on this machine); each job's
-    stdout/stderr and pickles live in <runs>/<run>/submitit/. Preempted or timed-out jobs requeue (RunJob).
-    Without --wait this submits and returns; rerunning ablate.py reports the grid and resubmits what failed
-    or got lost."""
+def executor_for(folder, args):
     import submitit
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # unpickling
     params = dict(timeout_min=args.time, gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
                   name="ddil", slurm_partition=args.partition, slurm_account=args.account,
                   slurm_signal_delay_s=args.signal_delay)
     params.update(args.slurm)
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.requeues,
+                                     local_max_num_timeout=args.requeues)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def submit(executor, fn, what):
+    """executor.submit, with sbatch's refusal (no GPUs on the partition, an unknown account ...) as one line
+    naming the flags that set the request."""
+    from submitit.core.utils import FailedJobError
+    try:
+        return executor.submit(fn)
+    except FailedJobError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "error" in line.lower()), str(e).strip()[:200])
+        raise common.UserError(f"sbatch refused {what}: {why[:200]} (the request is set by --gpus-per-job (0 on a "
+                               "partition without GPUs), --cpus-per-job, --partition, --account, --time and --slurm)") from None
+
+
+def job_of(run, runs_dir):
+    """The submitit job of a run, from the job.json written at submission (None without one)."""
+    import submitit
+    folder = os.path.join(runs_dir, run.name, "submitit")
+    path = os.path.join(folder, "job.json")
+    if not os.path.isfile(path):
+        return None
+    job = read_json(path, "cluster", "job_id")
+    cls = submitit.SlurmJob if job["cluster"] == "slurm" else submitit.local.local.LocalJob
+    return cls(folder, job["job_id"])
+
+
+def launch_submitit(todo, args):
+    """One submitit job per run (SLURM, or --cluster local for processes on this machine); each job's
+    stdout/stderr and pickles live in <runs>/<run>/submitit/, the run's own output in run.log there.
+    Preempted or timed-out jobs requeue (RunJob). Returns [(run, job)]."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # unpickling
     jobs = []
     for run in todo:
         folder = os.path.join(args.runs, run.name, "submitit")
-        executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.requeues,
-                                         local_max_num_timeout=args.requeues)
-        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-        job = executor.submit(RunJob(run, args.runs, args.results))
+        executor = executor_for(folder, args)
+        job = submit(executor, RunJob(run, args.runs, args.results, log=os.path.join(folder, "run.log")), run.name)
         write_json(os.path.join(folder, "job.json"), dict(job_id=job.job_id, cluster=executor.cluster, time=time.time()))
         print(f"submitted {run.name} ({' '.join(run.settings)}): job {job.job_id}", flush=True)
         jobs.append((run, job))
-    if not args.wait:
-        return
+    return jobs
+
+
+def wait_jobs(jobs):
+    """Block until every job is over; one line per job; a failed one is reported with its run's own error
+    line (RunJob's message) and where its logs are."""
     failed = []
     for i, (run, job) in enumerate(jobs, 1):
         try:
             outcome = job.result()
         except Exception as e:                          # the job's own traceback is in its stderr file
-            failed.append(f"{run.name}: {str(e).splitlines()[-1] if str(e) else type(e).__name__}")
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((line.split(": ", 1)[1] for line in reversed(lines) if line.startswith("RuntimeError: ")),
+                       lines[-1] if lines else type(e).__name__)
+            failed.append(f"{why} (submitit logs: {job.paths.folder})")
             outcome = "failed"
         print(f"[{i}/{len(jobs)}] {run.name}: {outcome}", flush=True)
     if failed:
-        raise common.UserError(f"{len(failed)} job(s) failed (logs in <runs>/<run>/submitit/): " + " | ".join(failed))
+        raise common.UserError(f"{len(failed)} job(s) failed: " + " | ".join(failed))
+
+
+class PrepareJob:
+    """The first job of a SLURM grid: on a compute node, train the shared teacher when there is none and
+    make the shared caches (reference statistics, classifier, teacher reference samples), then submit the
+    grid's runs from there (ablate.py with the same arguments). The submitting machine (a login node)
+    trains nothing."""
+
+    def __init__(self, argv):
+        own, extra = (argv[:argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
+        self.argv = [a for a in own if a != "--wait"] + ["--in-job"] + extra
+
+    def __call__(self):
+        main(self.argv)
+        return "submitted"
 
 
 def save_record(run, out, results, timing):
@@ -810,7 +889,10 @@ def parse_args(argv=None):
                    help="slurm: seconds before the time limit at which a job saves and requeues")
     g.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
                    help="slurm: submit to SLURM; local: submitit's local executor (jobs as processes here, for tests)")
-    g.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and write the tables")
+    g.add_argument("--wait", action="store_true",
+                   help="slurm: block until every run of the grid is done or failed (also jobs queued by an earlier "
+                        "call), then write the tables")
+    g.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)   # set by PrepareJob on the cluster
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -835,18 +917,21 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parse_args(argv)
     teachers = recorded_teachers(args.results) if args.tables else None
     runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, teachers)
     if not runs:
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
+    # On a SLURM cluster the submitting machine (a login node) trains nothing: a first job does (PrepareJob).
+    on_cluster = args.launcher == "slurm" and args.cluster == "slurm" and not args.in_job
     if args.tables:
         missing = [run for run in runs if not is_done(run, args.results)]     # with no recorded teacher: no record
         if missing:
             raise common.UserError(f"--tables: {len(missing)} of {len(runs)} runs have no record in {args.results}, "
                                    f"e.g. {' '.join(missing[0].argv)}; run the grid without --tables")
     elif any(run.teacher is None for run in runs):
-        if args.dry_run:
+        if args.dry_run or on_cluster:
             print("the grid's teacher (--teacher auto) is not trained yet: it is trained first; run names below "
                   "will change once it exists")
         else:
@@ -860,7 +945,19 @@ def main(argv=None):
             print(f"{states[run.name]:8} {run.name}  {' '.join(run.settings)}  {' '.join(run.argv)}")
         return None
     todo = [run for run in runs if states[run.name] in ("todo", "failed", "lost")]     # --tables: none
-    if todo:
+    submitted = {}
+    if todo and on_cluster:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        executor = executor_for(os.path.join(args.runs, "_prepare", "submitit"), args)
+        job = submit(executor, PrepareJob(argv), "the grid's first job")
+        print(f"submitted job {job.job_id}: on a compute node it trains the teacher if there is none and makes the "
+              f"shared caches, then submits the {len(todo)} runs; rerun this command to see the grid's state",
+              flush=True)
+        if not args.wait:
+            return runs
+        wait_jobs([(argparse.Namespace(name="first job (teacher, shared caches, submission)"), job)])
+        runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+    elif todo:
         shared = {}                                     # made once, before the fan-out: never raced
         for run in todo:
             cfg = {**run.config, "teacher_path": run.teacher and run.teacher["path"]}
@@ -874,7 +971,11 @@ def main(argv=None):
         if args.launcher == "local":
             launch_local(todo, args)
         else:
-            launch_submitit(todo, args)
+            submitted = dict((run.name, job) for run, job in launch_submitit(todo, args))
+    if args.launcher == "slurm" and args.wait:          # every job of the grid, also those queued before
+        jobs = [(run, submitted.get(run.name) or job_of(run, args.runs)) for run in runs
+                if not is_done(run, args.results)]
+        wait_jobs([(run, job) for run, job in jobs if job is not None])
     unfinished = [run.name for run in runs if not is_done(run, args.results)]
     if unfinished:
         print(f"{len(unfinished)} of {len(runs)} runs not finished yet (queued, running elsewhere or failed): rerun "

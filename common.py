@@ -740,17 +740,23 @@ def load_checkpoint(path, device="cpu"):
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM set `requested`; the loop saves a checkpoint at the next step boundary and
-    exits. (A SIGKILL loses at most the steps since the last periodic save.)"""
+    """SIGINT / SIGTERM / SIGUSR2 set `requested`; the loop saves a checkpoint at the next step boundary
+    and exits (status 130). SIGUSR2 is what SLURM sends every process of a job shortly before its time
+    limit (and submitit's requeue hook follows with SIGTERM): both only ask for the stop once. A second
+    Ctrl-C (SIGINT) stops at once. (A SIGKILL loses at most the steps since the last periodic save.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum != signal.SIGINT:     # a scheduler's repeated stop request: already saving
+            return
         if self.requested and _WRITE["busy"]:   # never interrupt torch.save: exit once the file is whole
             print(f"\n{signal.Signals(signum).name} again: stopping once the checkpoint being written is complete",
                   flush=True)
