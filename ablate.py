@@ -52,7 +52,10 @@ import time
 import numpy as np
 import torch
 
+import cli
 import common
+import runs
+import scoring
 
 METHODS = ("pd", "lcm", "dmd2")
 STUDIES = ("priors", "threshold", "paper")
@@ -135,7 +138,7 @@ def teacher_identity(config):
     """What the teacher of a resolved config is: its checkpoint path and the settings it recorded (its
     resolved config and step), stable across machines, unlike the bytes of the file. None while the
     --teacher auto checkpoint does not exist or has not finished."""
-    path, finished = common.teacher_checkpoint(argparse.Namespace(**config))
+    path, finished = runs.teacher_checkpoint(argparse.Namespace(**config))
     if not finished:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -218,7 +221,7 @@ def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
 def read_json(path, *keys):
     """A JSON file of a run or record, which must hold `keys`; unreadable, not JSON (a truncated copy) or
     lacking one is a one-line error."""
-    data = common.read_json(path)
+    data = runs.read_json(path)
     lacking = [k for k in keys if k not in data]
     if lacking:
         raise common.UserError(f"{path}: no {', '.join(lacking)}; delete the record or run directory that holds it "
@@ -248,7 +251,7 @@ def train_teacher(run):
     another ablate.py is training it already (its run directory is locked: exit 75), wait for that one."""
     import teacher
     args = argparse.Namespace(**run.config, device="auto", compile=False)
-    path, _ = common.teacher_checkpoint(args)
+    path, _ = runs.teacher_checkpoint(args)
     argv = [sys.executable, os.path.join(REPO, "teacher.py"), *teacher.auto_argv(args, os.path.dirname(path))]
     print("teacher first (shared by every run): " + " ".join(argv[1:]), flush=True)
     while True:
@@ -282,7 +285,7 @@ class RunJob:
         cmd = [sys.executable, os.path.join(REPO, self.run.argv[0]), *self.run.argv[1:], "--out", out]
         os.makedirs(out, exist_ok=True)
         count_path = os.path.join(out, "attempts.json")
-        counts = common.read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
+        counts = runs.read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
         counts["attempts"] += 1
         write_json(count_path, counts)
         log = open(self.log, "a") if self.log else None
@@ -357,7 +360,7 @@ def run_state(run, runs_dir, results):
     if is_done(run, results):
         return "done"
     out = os.path.join(runs_dir, run.name)
-    if common.run_dir_in_use(out):
+    if runs.run_dir_in_use(out):
         return "running"
     job_file = os.path.join(out, "submitit", "job.json")
     if not os.path.isfile(job_file):
@@ -427,7 +430,7 @@ def launch_local(todo, args):
             eta = np.mean(walls) * (left + state["running"]) / args.jobs if walls else math.nan
             what = "finished" if outcome == "done" else "in use by another worker: left to it"
             print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
-                  f"eta {common._hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
+                  f"eta {runs.hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
                   flush=True)
     if failed:
         raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
@@ -448,14 +451,28 @@ def executor_for(folder, args):
 
 def submit(executor, fn, what):
     """executor.submit, with sbatch's refusal (no GPUs on the partition, an unknown account ...) as one line
-    naming the flags that set the request."""
+    naming the flags that set the request (sbatch's own stderr is folded into it)."""
+    import tempfile
     from submitit.core.utils import FailedJobError
+    saved, captured = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(captured.fileno(), 2)
+    job = why = None
     try:
-        return executor.submit(fn)
+        job = executor.submit(fn)
     except FailedJobError as e:
         why = next((line.strip() for line in str(e).splitlines() if "error" in line.lower()), str(e).strip()[:200])
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+        captured.close()
+    if why is not None:
         raise common.UserError(f"sbatch refused {what}: {why[:200]} (the request is set by --gpus-per-job (0 on a "
-                               "partition without GPUs), --cpus-per-job, --partition, --account, --time and --slurm)") from None
+                               "partition without GPUs), --cpus-per-job, --partition, --account, --time and --slurm)")
+    if text.strip():
+        sys.stderr.write(text)
+    return job
 
 
 def job_of(run, runs_dir):
@@ -636,13 +653,9 @@ def held_fixed(configs):
     vary) of a table's runs."""
     keys = set().union(*(c.keys() for c in configs))
     varied = sorted(k for k in keys if k != "seed" and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
-    fixed = [f"{k}={_short(configs[0][k])}" for k in HEADLINE
+    fixed = [f"{k}={runs.compact(configs[0][k])}" for k in HEADLINE
              if k in keys and k not in varied and configs[0].get(k) is not None]
     return fixed, varied
-
-
-def _short(v):
-    return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else str(v))
 
 
 # --- Writing the table, CSV and plot ---
@@ -724,53 +737,6 @@ def plot_bars(rows, metrics, cols, path, title):
 
 # --- Covariate-shift diagnostic (paper Sec. 3.2, measured) ---
 
-@torch.no_grad()
-def covariate_shift(out, n=256, ref_steps=64, device="cpu", memo=None):
-    """For a trained student, at each of its K sampling times t_k: the mean squared gap between the
-    student's x̂_0 and the teacher's x̂_0 on (a) forward-diffused data states and (b) the student's own
-    rollout states. The teacher's x̂_0 at a state is the end of its CFG DDIM trajectory from that state
-    (`ref_steps` per unit time, no thresholding: one reference for every student): what a distilled
-    student imitates (PD, LCM), rather than the one-shot posterior mean, which no few-step student
-    predicts. On the exact benchmark (--dataset gmm) the teacher is the exact one (gmm.py), its trajectory
-    the exact ODE's (gmm.ode_grid). memo: a dict reused across students of one teacher (the forward states
-    and their teacher ends do not depend on the student). Returns (gap_fwd, gap_own), one value per step."""
-    memo = {} if memo is None else memo
-    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), device)
-    cfg = ckpt["config"]
-    method = importlib.import_module(f"ddil_{read_json(os.path.join(out, 'config.json'))['method']}")
-    x0_fn, times, stochastic = method.make_student(ckpt, device)
-    if cfg["dataset"] == "gmm":
-        import eval as evaluation
-        import gmm
-        teacher, grid = common.ExactTeacher(), gmm.ode_grid()
-        tail = lambda t: evaluation.grid_tail(grid, t)
-    else:
-        teacher, _ = common.load_teacher(cfg["teacher_path"], device)
-        tail = lambda t: common.fine_grid(t, 0.0, ref_steps)
-    teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, cfg["guidance"])
-    teacher_end = lambda z, t, y: common.sample(teacher_fn, z, y, tail(t))
-    key = (cfg["teacher_path"], cfg["guidance"], cfg["dataset"], cfg.get("data_dir"), n, ref_steps)
-    if key not in memo:
-        memo[key] = {"data": common.Dataset(*common.load_images(cfg["dataset"], cfg.get("data_dir")), device)}
-    cache = memo[key]
-    noise, labels, renoise = common.seeded_batch(range(n), device)
-    z = noise
-    gap_fwd, gap_own = [], []
-    with torch.random.fork_rng():
-        for t, s in zip(times[:-1], times[1:]):
-            if t not in cache:                    # (a) forward states at t and the teacher's ends, once per t
-                torch.manual_seed(int(1e6 * t))
-                x0, y = cache["data"].batch(n)
-                alpha_t, sigma_t = common.alpha_sigma(t)
-                z_fwd = alpha_t * x0 + sigma_t * torch.randn_like(x0)
-                cache[t] = (z_fwd, y, teacher_end(z_fwd, t, y))
-            z_fwd, y, end = cache[t]
-            gap_fwd.append(float((x0_fn(z_fwd, t, y) - end).square().mean()))
-            gap_own.append(float((x0_fn(z, t, labels) - teacher_end(z, t, labels)).square().mean()))
-            z = common.sampler_step(x0_fn, z, t, s, labels, renoise if stochastic else None)
-    return gap_fwd, gap_own
-
-
 def shift_record(run, runs_dir, results, n, device, memo):
     """The run's covariate-shift curves, computed from its checkpoint once and kept in its record
     (shift<n>.json), so the diagnostic too regenerates from committed records. runs_dir None: records only."""
@@ -779,7 +745,8 @@ def shift_record(run, runs_dir, results, n, device, memo):
         out = runs_dir and os.path.join(runs_dir, run.name)
         if not out or not os.path.isfile(os.path.join(out, "ckpt.pt")):
             return None
-        gap_fwd, gap_own = covariate_shift(out, n, device=device, memo=memo)
+        method = importlib.import_module(f"ddil_{read_json(os.path.join(out, 'config.json'))['method']}")
+        gap_fwd, gap_own = scoring.covariate_shift(out, method.make_student, n, device=device, memo=memo)
         write_json(path, dict(forward=gap_fwd, own=gap_own, samples=n))
     return read_json(path)
 
@@ -843,7 +810,7 @@ def _key_value(s):
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0],
+    p = cli.Parser(description=__doc__.split("\n\n")[0],
                       epilog="Arguments after `--` go to every run, e.g. `-- --iters 2000 --eval-samples 10000`.")
     p.add_argument("--method", type=_list(METHODS, "method"), required=True,
                    help="distiller(s): pd, lcm, dmd2, a comma-separated list, or all")
@@ -858,7 +825,7 @@ def parse_args(argv=None):
                    help="where runs train (checkpoints; not committed)")
     p.add_argument("--results", default="ablations",
                    help="where tables, plots and the per-run records (records/<run>/) go")
-    p.add_argument("--shift-samples", type=common._count, default=None,
+    p.add_argument("--shift-samples", type=cli.count, default=None,
                    help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 32, gmm 200, "
                         "cifar10 1000)")
     p.add_argument("--device", default="auto", help="device for the shared caches and the diagnostic (runs pick their own)")
@@ -869,23 +836,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("launching the runs")
     g.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: subprocesses on this machine, --jobs at a time; slurm: one submitit job per run")
-    g.add_argument("--jobs", type=common._positive_int, default=1, help="local: runs at once")
+    g.add_argument("--jobs", type=cli.positive_int, default=1, help="local: runs at once")
     g.add_argument("--gpus", type=lambda s: [int(g) for g in s.split(",")], default=None, metavar="0,1,...",
                    help="local: the GPUs to spread the runs over, one run per GPU at a time (sets --jobs to their number)")
-    g.add_argument("--threads", type=common._positive_int, default=None,
+    g.add_argument("--threads", type=cli.positive_int, default=None,
                    help="local: CPU threads per run (OMP_NUM_THREADS; default: the cores divided by --jobs)")
     g.add_argument("--partition", default=None, help="slurm: partition")
     g.add_argument("--account", default=None, help="slurm: account")
-    g.add_argument("--time", type=common._positive_int, default=24 * 60, help="slurm: time limit of a job in minutes (it requeues "
+    g.add_argument("--time", type=cli.positive_int, default=24 * 60, help="slurm: time limit of a job in minutes (it requeues "
                                                                "itself and resumes when it runs out)")
-    g.add_argument("--gpus-per-job", type=common._count, default=1, help="slurm: GPUs per job")
-    g.add_argument("--cpus-per-job", type=common._positive_int, default=8, help="slurm: CPUs per job")
+    g.add_argument("--gpus-per-job", type=cli.count, default=1, help="slurm: GPUs per job")
+    g.add_argument("--cpus-per-job", type=cli.positive_int, default=8, help="slurm: CPUs per job")
     g.add_argument("--slurm", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other submitit executor parameter, repeatable, e.g. --slurm slurm_qos=high "
                         "--slurm slurm_constraint=a100 --slurm 'slurm_setup=[\"module load cuda\"]'")
-    g.add_argument("--requeues", type=common._count, default=10,
+    g.add_argument("--requeues", type=cli.count, default=10,
                    help="slurm: how many times a preempted or timed-out job is requeued")
-    g.add_argument("--signal-delay", type=common._positive_int, default=120,
+    g.add_argument("--signal-delay", type=cli.positive_int, default=120,
                    help="slurm: seconds before the time limit at which a job saves and requeues")
     g.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
                    help="slurm: submit to SLURM; local: submitit's local executor (jobs as processes here, for tests)")
@@ -897,7 +864,7 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
-        args.seeds = [common._seed(s) for s in args.seeds.split(",")]
+        args.seeds = [cli.seed_int(s) for s in args.seeds.split(",")]
     except argparse.ArgumentTypeError:
         p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of seeds (integers >= 0)")
     if len(set(args.seeds)) != len(args.seeds):
@@ -963,11 +930,10 @@ def main(argv=None):
             cfg = {**run.config, "teacher_path": run.teacher and run.teacher["path"]}
             shared.setdefault(json.dumps({k: cfg.get(k) for k in ("dataset", "data_dir", "preset", "eval_samples",
                                                                    "teacher_path", "guidance", "amp")}), cfg)
-        import eval as evaluation
         for cfg in shared.values():
             print(f"shared caches for {cfg['dataset']} (reference statistics, classifier, teacher reference samples)",
                   flush=True)
-            evaluation.prepare_shared(cfg, args.device)
+            scoring.prepare_shared(cfg, args.device)
         if args.launcher == "local":
             launch_local(todo, args)
         else:
@@ -995,4 +961,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

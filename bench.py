@@ -39,7 +39,9 @@ import time
 
 import torch
 
+import cli
 import common
+import runs
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2}
 UNETS = {  # the teacher presets' networks (teacher.py PRESETS)
@@ -51,15 +53,15 @@ VARIANTS = {"baseline": [], "ddil": ["--ddil", "--prior-warmup", "0"],
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
     p.add_argument("--preset", choices=["auto", "smoke", "cifar10"], default="auto",
                    help="network and batch sizes (auto: cifar10 on CUDA, smoke on the CPU)")
     p.add_argument("--quick", action="store_true", help="fewer iterations per measurement")
-    p.add_argument("--iters", type=common._positive_int, default=None,
+    p.add_argument("--iters", type=cli.positive_int, default=None,
                    help="training iterations per run (default: 18 on the CPU (DMD2 6), 60 on a GPU; --quick: half)")
     p.add_argument("--methods", default="pd,lcm,dmd2", help="comma-separated subset of pd,lcm,dmd2")
-    p.add_argument("--repeats", type=common._positive_int, default=2,
+    p.add_argument("--repeats", type=cli.positive_int, default=2,
                    help="alternating baseline / --ddil runs per method (ratio of the fastest of each is the DDIL overhead)")
     p.add_argument("--compile", action="store_true", help="pass --compile to every training run")
     p.add_argument("--write", metavar="PATH", help="also write the tables into this Markdown file (e.g. BENCHMARKS.md)")
@@ -89,9 +91,9 @@ def sync(device):
 def random_teacher(preset, device, path):
     """A teacher checkpoint of the preset's size with random weights (timing needs no trained one)."""
     torch.manual_seed(0)
-    net = common.build_unet(UNETS[preset], "cpu")
+    net = runs.build_unet(UNETS[preset], "cpu")
     sd = net.state_dict()
-    common.save_checkpoint(path, dict(step=0, config=dict(iters=0, guidance=1.5), unet=UNETS[preset],
+    runs.save_checkpoint(path, dict(step=0, config=dict(iters=0, guidance=1.5), unet=UNETS[preset],
                                       nets=dict(model=sd, ema=sd)))
     return sum(p.numel() for p in net.parameters())
 
@@ -116,7 +118,7 @@ def run_script(module, argv, iters):
 def training_flops(net_config, batch, device):
     """FLOPs of one teacher training step (forward + backward of the UNet), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
-    net = common.build_unet(net_config, device)
+    net = runs.build_unet(net_config, device)
     x, t, y = torch.randn(batch, 3, 32, 32, device=device), torch.rand(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
         net(x, t, y).square().mean().backward()
@@ -155,7 +157,7 @@ def peer_comparison(preset, batch, device, amp, n):
                        block_out_channels=chans, down_block_types=down, up_block_types=up, num_class_embeds=11,
                        dropout=cfg["dropout"], norm_num_groups=min(32, cfg["ch"] // 4),
                        attention_head_dim=64).to(device)
-    ours = common.build_unet(cfg, device)
+    ours = runs.build_unet(cfg, device)
     if torch.device(device).type == "cuda":
         peer = peer.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -166,7 +168,7 @@ def peer_comparison(preset, batch, device, amp, n):
     out = {}
     for name, net, fwd in (("ours", ours, lambda: ours(x, t, y)),
                            ("diffusers UNet2DModel", peer, lambda: peer(x, 1000 * t, class_labels=y).sample)) * 2:
-        opt = common.optimizer(net.parameters(), 1e-4, device)
+        opt = runs.optimizer(net.parameters(), 1e-4, device)
 
         def step():
             with ctx:
@@ -181,7 +183,7 @@ def peer_comparison(preset, batch, device, amp, n):
 
 @torch.no_grad()
 def sampling_speed(module, ckpt_path, device, batch, amp, n=3):
-    ckpt = common.load_checkpoint(ckpt_path, device)
+    ckpt = runs.load_checkpoint(ckpt_path, device)
     generate = module.make_generator(ckpt, device)
     noise, labels = torch.randn(batch, 3, 32, 32, device=device), torch.arange(batch, device=device) % 10
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -191,12 +193,12 @@ def sampling_speed(module, ckpt_path, device, batch, amp, n=3):
 
 
 def feature_speed(device, n):
-    import eval as evaluation
+    import metrics
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    evaluation.inception_features(images[:8], device, progress=False)      # load + warm up
+    metrics.inception_features(images[:8], device, progress=False)      # load + warm up
     sync(device)
     t0 = time.perf_counter()
-    evaluation.inception_features(images, device, progress=False)
+    metrics.inception_features(images, device, progress=False)
     sync(device)
     return n / (time.perf_counter() - t0)
 
@@ -339,4 +341,4 @@ def write_section(path, key, lines, command):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

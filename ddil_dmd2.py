@@ -28,7 +28,7 @@ Thresholding (reflected diffusion): --threshold-teacher clips x̂_0,real, --thre
 passes, so a pixel past ±1 is still pulled back; and G's sampler, --sample-clip); --reflected all three.
 Clipping ONE of the two scores moves DMD's fixed point: with identical real and fake scores whose x̂_0
 leaves [-1, 1], grad = 0 with no clipping or with both clipped, but teacher-only clipping pulls x inward
-and critic-only clipping pushes it outward (test_ddil.py measures both). The threshold study keeps those
+and critic-only clipping pushes it outward (test_oracles.py measures both). The threshold study keeps those
 rows, and adds the consistent one, teacher+critic.
 
 Defaults versus the official recipe: this script's default DMD2 has no GAN term (--gan-weight 0) and a
@@ -55,8 +55,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
-import eval as evaluation
+import runs
+import scoring
 from common import alpha_sigma
 from teacher import ensure_teacher
 
@@ -76,30 +78,30 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p)
-    common.add_ddil_args(p, critic=True)
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_common_args(p)
+    cli.add_ddil_args(p, critic=True)
     g = p.add_argument_group("DMD2 (Yin et al. 2024)")
-    g.add_argument("--steps", type=common._positive_int, default=4,
+    g.add_argument("--steps", type=cli.positive_int, default=4,
                    help="K: generator steps; G is trained and sampled at τ_k = 1 - k/K, k = 0..K-1")
-    g.add_argument("--min-t", type=common._fraction, default=0.02, help="t_min of the distribution-matching time t ~ U[t_min, t_max]")
-    g.add_argument("--max-t", type=common._fraction, default=0.98, help="t_max of the distribution-matching time t ~ U[t_min, t_max]")
-    g.add_argument("--fake-updates", type=common._positive_int, default=5,
+    g.add_argument("--min-t", type=cli.fraction, default=0.02, help="t_min of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--max-t", type=cli.fraction, default=0.98, help="t_max of the distribution-matching time t ~ U[t_min, t_max]")
+    g.add_argument("--fake-updates", type=cli.positive_int, default=5,
                    help="critic (fake score μ_fake) updates per generator update: the two time-scale rule")
-    g.add_argument("--lr-critic", type=common._positive, default=None, help="AdamW learning rate of the critic μ_fake (preset)")
-    g.add_argument("--warmup", type=common._count, default=0, help="linear learning-rate warm-up iterations of both networks")
-    g.add_argument("--grad-clip", type=common._nonnegative, default=10.0,
+    g.add_argument("--lr-critic", type=cli.positive, default=None, help="AdamW learning rate of the critic μ_fake (preset)")
+    g.add_argument("--warmup", type=cli.count, default=0, help="linear learning-rate warm-up iterations of both networks")
+    g.add_argument("--grad-clip", type=cli.nonnegative, default=10.0,
                    help="clip each network's gradient to this global L2 norm (DMD2's max_grad_norm); 0 = off")
-    g.add_argument("--gan-weight", type=common._nonnegative, default=0.0,
+    g.add_argument("--gan-weight", type=cli.nonnegative, default=0.0,
                    help="λ_GAN of the generator's GAN loss softplus(-D(x)); 0 = no GAN head. Our default (no GAN, "
                         "CFG real score) is DMD2's text-to-image recipe; its class-conditional ImageNet recipe is "
                         "--gan-weight 3e-3 --guidance 1. Match dm_grad_norm and gan_grad_norm in the log to set it")
-    g.add_argument("--gan-critic-weight", type=common._nonnegative, default=1e-2,
+    g.add_argument("--gan-critic-weight", type=cli.nonnegative, default=1e-2,
                    help="weight of the head's loss softplus(-D(real)) + softplus(D(fake)) in the critic's loss "
                         "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
-    common.preset_help(p, PRESETS)
+    cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, METHOD, PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
+    cli.resolve(p, args, METHOD, PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
     if not 0.0 <= args.min_t < args.max_t <= 1.0:
         raise common.UserError(f"--min-t {args.min_t} / --max-t {args.max_t}: need 0 <= min-t < max-t <= 1")
     if args.lr <= 0 or args.lr_critic <= 0:
@@ -171,7 +173,7 @@ def realism_logit(critic, head, x, y):
 
 def clip_specs(args):
     """Thresholding of (x̂_0,real, x̂_0,fake, G's output), each passed explicitly at its call site."""
-    return tuple(common.clip_spec(args, on) for on in (args.threshold_teacher, args.threshold_critic,
+    return tuple(cli.clip_spec(args, on) for on in (args.threshold_teacher, args.threshold_critic,
                                                        args.threshold_student))
 
 
@@ -198,10 +200,10 @@ def make_student(ckpt, device):
     """(x0_fn, times, stochastic): x0_fn = G of nets["ema"] with the run's sampling-time clipping
     (--sample-clip), the grid τ_0..τ_{K-1}, 0, and re-noising with fresh noise between steps (stochastic)."""
     config = argparse.Namespace(**ckpt["config"])
-    net = common.build_unet(ckpt["unet"], device)
+    net = runs.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
-    clip_sample = common.clip_spec(config, config.sample_clip)
+    clip_sample = cli.clip_spec(config, config.sample_clip)
     return (lambda z, t, y: common.denoise(net, z, t, y, 1.0, clip=clip_sample)), student_grid(config.steps) + [0.0], True
 
 
@@ -212,72 +214,77 @@ def make_generator(ckpt, device):
     return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times, renoise or torch.randn_like)
 
 
+def evaluate(run_dir, n_samples=None, device=None, **options):
+    """A run's metrics.json: its sampler's samples scored, and its agreement with its teacher (scoring.py)."""
+    return scoring.evaluate_checkpoint(run_dir, make_generator, make_student, n_samples, device, **options)
+
+
 # --- Training loop ---
 
 def train(args):
-    common.announce(args, METHOD)
+    runs.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
-    common.seed_everything(args.seed)
-    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
-    ckpt_path = common.prepare_run(args, METHOD)
+    runs.seed_everything(args.seed)
+    data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    ckpt_path = runs.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
-    student, ema, critic = (common.build_unet(unet_config, device) for _ in range(3))
+    student, ema, critic = (runs.build_unet(unet_config, device) for _ in range(3))
     for net in (student, ema, critic):          # G, its EMA and μ_fake all start as the teacher
         net.load_state_dict(teacher_ckpt["nets"]["ema"])
     ema.requires_grad_(False)
     head = gan_head(critic.mid_channels).to(device) if args.gan_weight > 0 else None
     critic_params = list(critic.parameters()) + (list(head.parameters()) if head else [])
-    opt_g = common.optimizer(student.parameters(), args.lr, device)
-    opt_c = common.optimizer(critic_params, args.lr_critic, device)
-    sampler = common.make_sampler(args, data)
+    opt_g = runs.optimizer(student.parameters(), args.lr, device)
+    opt_c = runs.optimizer(critic_params, args.lr_critic, device)
+    sampler = cli.make_sampler(args, data)
     clip_teacher, clip_critic, clip_student = clip_specs(args)
     step = 0
     if os.path.exists(ckpt_path):                               # resume
-        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
-            ckpt = common.load_checkpoint(ckpt_path, device)
+        with runs.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = runs.load_checkpoint(ckpt_path, device)
             for name, net in (("student", student), ("ema", ema), ("critic", critic), ("head", head)):
                 if net is not None:
                     net.load_state_dict(ckpt["nets"][name])
             opt_g.load_state_dict(ckpt["opts"]["student"]), opt_c.load_state_dict(ckpt["opts"]["critic"])
             sampler.load_state_dict(ckpt["sampler"])
-            common.set_rng_state(ckpt["rng"])
+            runs.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     print(f"DMD2: K = {args.steps} steps, priors (fwd, teacher, student) = {args.priors}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters per network")
-    G, mu_fake, mu_real = (common.maybe_compile(net, args) for net in (student, critic, teacher))
+    G, mu_fake, mu_real = (runs.maybe_compile(net, args) for net in (student, critic, teacher))
 
     # Student rollouts use the online G: DAgger's "current policy", and DMD2's backward simulation.
-    student_fn = lambda z, t, y: common.denoise(G, z, t, y, 1.0, clip=common.clip_spec(args, args.sample_clip))
+    student_fn = lambda z, t, y: common.denoise(G, z, t, y, 1.0, clip=cli.clip_spec(args, args.sample_clip))
     teacher_fn = lambda z, t, y: common.denoise(mu_real, z, t, y, args.guidance, clip=clip_teacher)
 
     def save():
         nets = dict(student=student.state_dict(), ema=ema.state_dict(), critic=critic.state_dict())
         if head is not None:
             nets["head"] = head.state_dict()
-        common.save_checkpoint(ckpt_path, dict(
+        runs.save_checkpoint(ckpt_path, dict(
             step=step, config=vars(args), unet=unet_config, nets=nets,
             opts=dict(student=opt_g.state_dict(), critic=opt_c.state_dict()),
-            rng=common.rng_state(), sampler=sampler.state_dict()))
+            rng=runs.rng_state(), sampler=sampler.state_dict()))
 
-    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-    log = common.RunLog(args.out, args.iters, step)
+    evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
+    log = runs.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
     B, n_fake = args.batch_size, args.fake_updates
     clip_norm = args.grad_clip or float("inf")
-    with common.GracefulStop() as stop:
+    with runs.GracefulStop() as stop:
         while step < args.iters:
             for opt, lr in ((opt_g, args.lr), (opt_c, args.lr_critic)):
                 for group in opt.param_groups:
-                    group["lr"] = common.lr_at(step, lr, args.warmup)
+                    group["lr"] = runs.lr_at(step, lr, args.warmup)
             # One DDIL draw per iteration holds the inputs of the generator update AND of the n_fake critic
             # updates. All come from the same G (as in DMD2, where G is fixed between its updates), so this
             # equals a fresh draw per critic update, while the sampler's fixed cost (its small-batch bookkeeping
             # and, without a buffer, sequential rollout calls on sub-batches) is paid once per iteration, not
             # n_fake + 1 times.
-            with common.autocast(args):
+            with runs.autocast(args):
                 b = ddil_batch(sampler, (n_fake + 1) * B, step / args.iters, args.steps, student_fn, teacher_fn)
                 if device.type == "cuda":
                     b["x_t"] = b["x_t"].contiguous(memory_format=torch.channels_last)
@@ -289,7 +296,7 @@ def train(args):
             critic_sum = 0.0                            # NaN / inf in any critic update reaches it (no sync)
             for k in range(n_fake):
                 x_k, y_k = x_fake[k * B:(k + 1) * B], b["y"][B + k * B:B + (k + 1) * B]
-                with common.autocast(args):
+                with runs.autocast(args):
                     loss_c, features = critic_loss(mu_fake, x_k, y_k)
                     loss_c = loss_c.mean()
                     if head is not None:                # non-saturating: softplus(-D(real)) + softplus(D(fake))
@@ -308,7 +315,7 @@ def train(args):
 
             # Generator G: distribution matching (+ GAN) on the first B inputs.
             x_t, t, y = b["x_t"][:B], b["t"][:B], b["y"][:B]
-            with common.autocast(args):
+            with runs.autocast(args):
                 x = straight_through(common.denoise(G, x_t, t, y, 1.0), clip_student)   # [B, 3, 32, 32]
                 loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
                                                             args.max_t, clip_teacher, clip_critic)
@@ -323,7 +330,7 @@ def train(args):
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
-            common.check_finite(step, loss=loss, grad_norm=gnorm, critic_loss_and_grad_norms=critic_sum)
+            runs.check_finite(step, loss=loss, grad_norm=gnorm, critic_loss_and_grad_norms=critic_sum)
             log.add(grad_norm=gnorm)
             opt_g.step()
             common.ema_update(ema, student, args.ema, step)
@@ -336,16 +343,16 @@ def train(args):
                 log.write(step, **stats.summary("loss"), **sampler.log_stats(), lr=opt_g.param_groups[0]["lr"],
                           lr_critic=opt_c.param_groups[0]["lr"])
             log.tick(step)
-            common.end_of_step(args, step, save, stop, evaluate)
-    return common.finish(args, ckpt_path, make_generator, evaluate)
+            runs.end_of_step(args, step, save, stop, evaluate_now)
+    return runs.finish(args, ckpt_path, make_generator, evaluate_now)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
-        return common.dry_run(args)
+        return cli.dry_run(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

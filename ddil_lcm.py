@@ -4,7 +4,7 @@ Latent Consistency Models (Luo et al. 2023, arXiv 2310.04378: §4.2, Algorithm 1
 distillation"), run here in pixel space, on the consistency models of Song et al. 2023 (arXiv
 2303.01469: §3 parameterisation, §4 consistency distillation, Algorithm 1 multistep sampling). DDIL
 (Garrepalli et al., arXiv 2410.11971) only changes where the training states z_{t_{n+k}} come from
-(DESIGN.md §4); the loss is LCM's.
+(DESIGN §4); the loss is LCM's.
 
     skeleton     t_n = n / N, n = 0..N (--solver-steps N); t_0 = 0 is the boundary; n ~ U{0..N-k} (--skip k)
     consistency  f_θ(z, t) = c_skip(t) z + c_out(t) x̂_0,θ(z, t)                                   (CM §3)
@@ -38,8 +38,10 @@ import os
 
 import torch
 
+import cli
 import common
-import eval as evaluation
+import runs
+import scoring
 from common import _bc
 from teacher import ensure_teacher
 
@@ -59,33 +61,33 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p)
-    common.add_ddil_args(p)
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_common_args(p)
+    cli.add_ddil_args(p)
     g = p.add_argument_group("LCM consistency distillation (Luo et al. 2023, Alg. 1)")
-    g.add_argument("--solver-steps", type=common._positive_int, default=50,
+    g.add_argument("--solver-steps", type=cli.positive_int, default=50,
                    help="N: skeleton t_n = n/N, n = 0..N, of the teacher's ODE solver (LCM: 50 DDIM timesteps)")
-    g.add_argument("--skip", type=common._positive_int, default=1,
+    g.add_argument("--skip", type=cli.positive_int, default=1,
                    help="k: skipping interval, pairs (t_{n+k}, t_n); 1 on the 50-step skeleton is LCM's k = 20 "
                         "on 1000 DDPM steps")
-    g.add_argument("--steps", type=common._positive_int, default=4,
+    g.add_argument("--steps", type=cli.positive_int, default=4,
                    help="K: multistep consistency sampling steps, at skeleton indices N - floor(iN/K) "
                         "(N = 50, K = 4: LCM's timesteps 999, 759, 499, 259)")
-    g.add_argument("--target-ema", type=common._fraction, default=0.95,
+    g.add_argument("--target-ema", type=cli.fraction, default=0.95,
                    help="μ: decay of the target network θ⁻ <- μ θ⁻ + (1 - μ) θ, kept apart from --ema (LCM: 0.95)")
     g.add_argument("--loss", choices=["huber", "l2"], default="huber",
                    help="d: pseudo-Huber sqrt(‖Δ‖² + c²) - c over the image (iCT, robust to outlier targets) "
                         "or l2: per-pixel mean of Δ²")
-    g.add_argument("--huber-c", type=common._positive, default=0.03,
+    g.add_argument("--huber-c", type=cli.positive, default=0.03,
                    help="c of the pseudo-Huber d: iCT's 0.00054 sqrt(D) for D = 3·32·32 pixels")
-    g.add_argument("--timestep-scaling", type=common._positive, default=10.0,
+    g.add_argument("--timestep-scaling", type=cli.positive, default=10.0,
                    help="LCM's boundary scaling: c_skip, c_out are evaluated at s t with s = 1000 × this (LCM: 10)")
-    g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
-    g.add_argument("--grad-clip", type=common._nonnegative, default=1.0,
+    g.add_argument("--warmup", type=cli.count, default=None, help="learning-rate warm-up iterations (preset)")
+    g.add_argument("--grad-clip", type=cli.nonnegative, default=1.0,
                    help="clip the gradient norm of θ (diffusers' LCM distillation script: max_grad_norm 1.0); 0 = off")
-    common.preset_help(p, PRESETS)
+    cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
+    cli.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
     N, k, K = args.solver_steps, args.skip, args.steps
     if K * k > N:
         raise common.UserError(f"--steps {K} × --skip {k} exceeds --solver-steps {N}: every sampling time must sit "
@@ -177,15 +179,15 @@ def step_loss(args, sampler, progress, student, target, teacher):
     Forward states sit at t_{n+k}, n ~ U{0..N-k}; backward states at the K-step schedule's times,
     which are skeleton times with index >= k (parse_args checks K k <= N), trained as z_{t_{n+k}}."""
     N, k = args.solver_steps, args.skip
-    clip_teacher = common.clip_spec(args, args.threshold_teacher)
-    clip_student = common.clip_spec(args, args.threshold_student)           # the target f_θ⁻
-    clip_sample = common.clip_spec(args, args.sample_clip)                   # the student's sampler
+    clip_teacher = cli.clip_spec(args, args.threshold_teacher)
+    clip_student = cli.clip_spec(args, args.threshold_student)           # the target f_θ⁻
+    clip_sample = cli.clip_spec(args, args.sample_clip)                   # the student's sampler
     f_theta = lambda z, t, y: consistency_fn(student, z, t, y, args.timestep_scaling)
     f_target = lambda z, t, y: consistency_fn(target, z, t, y, args.timestep_scaling)
     # Rollouts use the ONLINE student θ: DAgger's current policy visits the states it is trained on next.
     student_fn = lambda z, t, y: common.threshold(f_theta(z, t, y), *clip_sample)
     teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y, args.guidance, clip=clip_teacher)
-    with torch.no_grad(), common.autocast(args):
+    with torch.no_grad(), runs.autocast(args):
         b = sampler.draw(args.batch_size, progress=progress, fwd_times=torch.arange(k, N + 1) / N,
                          times=sampling_times(N, args.steps), student_fn=student_fn, teacher_fn=teacher_fn,
                          renoise=torch.randn_like)     # multistep consistency sampling: fresh ε each step
@@ -193,7 +195,7 @@ def step_loss(args, sampler, progress, student, target, teacher):
     if z.is_cuda:
         z = z.contiguous(memory_format=torch.channels_last)
     n_k = (b["t"] * N).round().long()                                     # skeleton index n + k
-    with common.autocast(args):
+    with runs.autocast(args):
         loss, stats = lcm_loss(f_theta, f_target, teacher, z, n_k, b["y"], N=N, k=k, guidance=args.guidance,
                                clip_teacher=clip_teacher, clip_target=clip_student, loss=args.loss,
                                huber_c=args.huber_c)
@@ -206,7 +208,7 @@ def make_student(ckpt, device):
     """(x0_fn, times, stochastic): x0_fn(z, t, y) = f_θ(z, t) of nets['ema'] with the run's scalings and
     sampling-time clipping (--sample-clip), the K-step schedule, and re-noising with fresh noise (stochastic)."""
     cfg = ckpt["config"]
-    net = common.build_unet(ckpt["unet"], device)
+    net = runs.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     clip = (cfg["threshold_mode"] if cfg["sample_clip"] else None, cfg["threshold_percentile"])
@@ -221,59 +223,64 @@ def make_generator(ckpt, device):
     return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times, renoise or torch.randn_like)
 
 
+def evaluate(run_dir, n_samples=None, device=None, **options):
+    """A run's metrics.json: its sampler's samples scored, and its agreement with its teacher (scoring.py)."""
+    return scoring.evaluate_checkpoint(run_dir, make_generator, make_student, n_samples, device, **options)
+
+
 # --- Training loop ---
 
 def train(args):
-    common.announce(args, METHOD)
+    runs.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
-    common.seed_everything(args.seed)
-    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
-    ckpt_path = common.prepare_run(args, METHOD)
+    runs.seed_everything(args.seed)
+    data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    ckpt_path = runs.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
     # student θ (online), target θ⁻ (LCM's EMA, part of the loss), ema (evaluation weights): all start
     # as the teacher's EMA weights.
-    nets = {name: common.build_unet(unet_config, device) for name in ("student", "target", "ema")}
+    nets = {name: runs.build_unet(unet_config, device) for name in ("student", "target", "ema")}
     for net in nets.values():
         net.load_state_dict(teacher_ckpt["nets"]["ema"])
     student, target, ema = nets["student"], nets["target"].requires_grad_(False), nets["ema"].requires_grad_(False)
-    opt = common.optimizer(student.parameters(), args.lr, device)
-    sampler = common.make_sampler(args, data)
+    opt = runs.optimizer(student.parameters(), args.lr, device)
+    sampler = cli.make_sampler(args, data)
     step = 0
     if os.path.exists(ckpt_path):                                             # resume
-        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
-            ckpt = common.load_checkpoint(ckpt_path, device)
+        with runs.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = runs.load_checkpoint(ckpt_path, device)
             for name, net in nets.items():
                 net.load_state_dict(ckpt["nets"][name])
             opt.load_state_dict(ckpt["opts"]["student"])
             sampler.load_state_dict(ckpt["sampler"])
-            common.set_rng_state(ckpt["rng"])
+            runs.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     print(f"LCM student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters; skeleton "
           f"N={args.solver_steps}, k={args.skip}; sampling times {sampling_times(args.solver_steps, args.steps)}; "
           f"priors (fwd, teacher, student) = {[round(p, 3) for p in args.priors]}")
-    model, target_model, teacher_model = (common.maybe_compile(n, args) for n in (student, target, teacher))
+    model, target_model, teacher_model = (runs.maybe_compile(n, args) for n in (student, target, teacher))
 
     def save():
-        common.save_checkpoint(ckpt_path, dict(
+        runs.save_checkpoint(ckpt_path, dict(
             step=step, config=vars(args), unet=unet_config, nets={n: net.state_dict() for n, net in nets.items()},
-            opts=dict(student=opt.state_dict()), rng=common.rng_state(), sampler=sampler.state_dict()))
+            opts=dict(student=opt.state_dict()), rng=runs.rng_state(), sampler=sampler.state_dict()))
 
-    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-    log = common.RunLog(args.out, args.iters, step)
+    evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
+    log = runs.RunLog(args.out, args.iters, step)
     per_source = common.SourceStats(device)
-    with common.GracefulStop() as stop:
+    with runs.GracefulStop() as stop:
         while step < args.iters:
-            lr = common.lr_at(step, args.lr, args.warmup)
+            lr = runs.lr_at(step, args.lr, args.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, stats, source = step_loss(args, sampler, step / args.iters, model, target_model, teacher_model)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
-            common.check_finite(step, loss=loss.mean(), grad_norm=gnorm)
+            runs.check_finite(step, loss=loss.mean(), grad_norm=gnorm)
             opt.step()
             update_target(target, student, args.target_ema)
             common.ema_update(ema, student, args.ema, step)
@@ -284,16 +291,16 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, **per_source.summary("loss"), **sampler.log_stats(), lr=lr)
             log.tick(step)
-            common.end_of_step(args, step, save, stop, evaluate)
-    return common.finish(args, ckpt_path, make_generator, evaluate)
+            runs.end_of_step(args, step, save, stop, evaluate_now)
+    return runs.finish(args, ckpt_path, make_generator, evaluate_now)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
-        return common.dry_run(args)
+        return cli.dry_run(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -39,8 +39,10 @@ import os
 
 import torch
 
+import cli
 import common
-import eval as evaluation
+import runs
+import scoring
 from common import alpha_sigma, ddim_step, threshold
 from teacher import ensure_teacher
 
@@ -66,23 +68,23 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p)
-    common.add_ddil_args(p)
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_common_args(p)
+    cli.add_ddil_args(p)
     g = p.add_argument_group("progressive distillation (Salimans & Ho 2022, Alg. 2)")
-    g.add_argument("--steps", type=common._positive_int, default=4,
+    g.add_argument("--steps", type=cli.positive_int, default=4,
                    help="K: DDIM steps of the final student (the last round's n)")
-    g.add_argument("--start-steps", type=common._positive_int, default=None,
+    g.add_argument("--start-steps", type=cli.positive_int, default=None,
                    help="N_0: DDIM steps of the original teacher in round 1; each round halves it, so "
                         "N_0 / K must be a power of two >= 2; --iters is split equally over the "
                         "log2(N_0 / K) rounds (preset)")
-    g.add_argument("--warmup", type=common._count, default=None,
+    g.add_argument("--warmup", type=cli.count, default=None,
                    help="learning-rate warm-up iterations at the start of each round; the rate then "
                         "anneals linearly to 0 by the round's end (Google's PD configs) (preset)")
-    g.add_argument("--grad-clip", type=common._nonnegative, default=1.0, help="clip the gradient norm of θ (0 = off)")
-    common.preset_help(p, PRESETS)
+    g.add_argument("--grad-clip", type=cli.nonnegative, default=1.0, help="clip the gradient norm of θ (0 = off)")
+    cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
+    cli.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
     ratio = args.start_steps // args.steps
     if args.start_steps % args.steps or ratio < 2 or ratio & (ratio - 1):
         raise common.UserError(f"--start-steps {args.start_steps} / --steps {args.steps} must be a power of two "
@@ -142,13 +144,13 @@ def pd_target(teacher_fn, z_t, t, y, n, clip=(None, 0.995)):
     return torch.where(last, threshold(x0_b, *clip), x_tilde), torch.cat([x0_a, x0_b])
 
 
-def pd_loss(student, teacher_fn, z_t, t, y, n, teacher_clip, student_clip):
+def pd_loss(student, teacher_fn, z_t, t, y, n, clip_teacher, clip_student):
     """Per-example max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖² (mean over pixels) [B], and the raw teacher x̂_0.
     The student's x̂_0 is not thresholded here (a clamp would zero its gradient); --threshold-student
     clips the target x̃ instead (and, through --sample-clip, the student's x̂_0 in rollouts and samples)."""
     with torch.no_grad():
-        x_tilde, x0_teacher = pd_target(teacher_fn, z_t, t, y, n, teacher_clip)
-        x_tilde = threshold(x_tilde, *student_clip)
+        x_tilde, x0_teacher = pd_target(teacher_fn, z_t, t, y, n, clip_teacher)
+        x_tilde = threshold(x_tilde, *clip_student)
     alpha_t, sigma_t = (a.to(z_t.device) for a in alpha_sigma(t))
     weight = (alpha_t ** 2 / sigma_t ** 2).clamp(min=1.0)               # max(SNR_t, 1), [B]
     x0_student = common.denoise(student, z_t, t, y)                      # x̂_θ(z_t), w = 1: CFG is baked in
@@ -163,7 +165,7 @@ def make_student(ckpt, device):
     K-step grid, DDIM (not stochastic). A checkpoint from an earlier round is sampled with K steps too,
     i.e. before the student was trained for them."""
     cfg = ckpt["config"]
-    net = common.build_unet(ckpt["unet"], device)
+    net = runs.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     clip = (cfg["threshold_mode"] if cfg["sample_clip"] else None, cfg["threshold_percentile"])
@@ -177,32 +179,37 @@ def make_generator(ckpt, device):
     return lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
 
 
+def evaluate(run_dir, n_samples=None, device=None, **options):
+    """A run's metrics.json: its sampler's samples scored, and its agreement with its teacher (scoring.py)."""
+    return scoring.evaluate_checkpoint(run_dir, make_generator, make_student, n_samples, device, **options)
+
+
 # --- Training loop ---
 
 def train(args):
-    common.announce(args, METHOD)
+    runs.announce(args, METHOD)
     teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
-    common.seed_everything(args.seed)
-    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = common.load_teacher(teacher_path, device)
-    ckpt_path = common.prepare_run(args, METHOD)
+    runs.seed_everything(args.seed)
+    data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
+    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    ckpt_path = runs.prepare_run(args, METHOD)
     unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
-    student = common.build_unet(unet_config, device)
+    student = runs.build_unet(unet_config, device)
     student.load_state_dict(teacher_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
     ema = copy.deepcopy(student).requires_grad_(False)
-    opt = common.optimizer(student.parameters(), args.lr, device)
-    sampler = common.make_sampler(args, data)
-    teacher_clip = common.clip_spec(args, args.threshold_teacher)
-    student_clip = common.clip_spec(args, args.threshold_student)      # the target x̃
-    sample_clip = common.clip_spec(args, args.sample_clip)              # the student's sampler (and rollouts)
+    opt = runs.optimizer(student.parameters(), args.lr, device)
+    sampler = cli.make_sampler(args, data)
+    clip_teacher = cli.clip_spec(args, args.threshold_teacher)
+    clip_student = cli.clip_spec(args, args.threshold_student)      # the target x̃
+    sample_clip = cli.clip_spec(args, args.sample_clip)              # the student's sampler (and rollouts)
     # Round 1's teacher is the original teacher with CFG; later rounds' teacher is a frozen copy of the
     # previous round's student, whose guidance is baked in (w = 1). Alg. 2 writes η ← θ; like Google's
     # code (which distils from the previous stage's EMA params) we copy the EMA, the net we sample with.
     round_teacher, step, rnd = teacher, 0, 0
     if os.path.exists(ckpt_path):                                         # resume
-        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
-            ckpt = common.load_checkpoint(ckpt_path, device)
+        with runs.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = runs.load_checkpoint(ckpt_path, device)
             student.load_state_dict(ckpt["nets"]["student"]), ema.load_state_dict(ckpt["nets"]["ema"])
             opt.load_state_dict(ckpt["opts"]["student"])
             sampler.load_state_dict(ckpt["sampler"])
@@ -210,42 +217,42 @@ def train(args):
             if rnd > 0:                                   # deepcopy, not build_unet: no draws from the RNG
                 round_teacher = copy.deepcopy(ema).eval()
                 round_teacher.load_state_dict(ckpt["nets"]["round_teacher"])
-            common.set_rng_state(ckpt["rng"])                                 # last: nothing may draw after it
+            runs.set_rng_state(ckpt["rng"])                                 # last: nothing may draw after it
         print(f"resumed from {ckpt_path} at step {step} (round {rnd + 1})")
     starts = round_starts(args)
     print(f"PD rounds (student steps): {[student_steps(args, r) for r in range(num_rounds(args))]}, "
           f"starting at steps {starts[:-1]}; {len(data)} training images ({args.dataset})")
-    model, teacher_model = common.maybe_compile(student, args), common.maybe_compile(teacher, args)
-    round_model = teacher_model if rnd == 0 else common.maybe_compile(round_teacher, args)
+    model, teacher_model = runs.maybe_compile(student, args), runs.maybe_compile(teacher, args)
+    round_model = teacher_model if rnd == 0 else runs.maybe_compile(round_teacher, args)
 
     def save():
-        common.save_checkpoint(ckpt_path, dict(
+        runs.save_checkpoint(ckpt_path, dict(
             step=step, round=rnd, config=vars(args), unet=unet_config,
             # round 1's teacher is the --teacher checkpoint itself, so it is not stored twice
             nets=dict(student=student.state_dict(), ema=ema.state_dict(),
                       round_teacher=None if rnd == 0 else round_teacher.state_dict()),
-            opts=dict(student=opt.state_dict()), rng=common.rng_state(), sampler=sampler.state_dict()))
+            opts=dict(student=opt.state_dict()), rng=runs.rng_state(), sampler=sampler.state_dict()))
 
     # --- the DDIL mixture's callables: (z, t, y) -> x̂_0, thresholding passed explicitly ---
     # β_teach_bckwrd rollouts use the ORIGINAL teacher with CFG on --teacher-rollout-steps: it is the
     # expert whose trajectories DDIL imitates. Every visited state, whatever its source, is labelled by
     # the round teacher's two half-steps (DAgger: the expert labels the states the learner visits).
     # Student rollouts use the online student θ, DAgger's "current policy".
-    teacher_fn = lambda z, t, y: common.denoise(teacher_model, z, t, y, args.guidance, clip=teacher_clip)
+    teacher_fn = lambda z, t, y: common.denoise(teacher_model, z, t, y, args.guidance, clip=clip_teacher)
     student_fn = lambda z, t, y: common.denoise(model, z, t, y, 1.0, clip=sample_clip)
 
-    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-    log = common.RunLog(args.out, args.iters, step)
+    evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
+    log = runs.RunLog(args.out, args.iters, step)
     stats = common.SourceStats(device)
-    with common.GracefulStop() as stop:
+    with runs.GracefulStop() as stop:
         while step < args.iters:
             r = sum(s <= step for s in starts[1:-1])
             if r != rnd:                                                  # Alg. 2 between rounds
                 rnd = r
                 round_teacher = copy.deepcopy(ema).eval().requires_grad_(False)   # η ← θ (EMA)
-                round_model = common.maybe_compile(round_teacher, args)
+                round_model = runs.maybe_compile(round_teacher, args)
                 student.load_state_dict(ema.state_dict())                 # θ ← η: start from the new teacher
-                opt = common.optimizer(student.parameters(), args.lr, device)   # fresh moments (Google's code)
+                opt = runs.optimizer(student.parameters(), args.lr, device)   # fresh moments (Google's code)
                 sampler.reset()                                           # buffered states lie on the old grid
             n = student_steps(args, rnd)
             times, fwd_times = grid(n)
@@ -253,22 +260,22 @@ def train(args):
             round_fn = lambda z, t, y: common.denoise(round_model, z, t, y, w_round)   # raw x̂_η
             k, length = step - starts[rnd], starts[rnd + 1] - starts[rnd]     # position within the round
             for group in opt.param_groups:
-                group["lr"] = common.lr_at(k, args.lr, args.warmup) * (1 - k / length)
+                group["lr"] = runs.lr_at(k, args.lr, args.warmup) * (1 - k / length)
             # The prior schedule runs within each round (progress = k / length): every round is a new
             # distillation problem on a new grid, and its student's early rollouts are off that grid's path.
-            with torch.no_grad(), common.autocast(args):
+            with torch.no_grad(), runs.autocast(args):
                 b = sampler.draw(args.batch_size, progress=k / length, fwd_times=fwd_times, times=times,
                                  student_fn=student_fn, teacher_fn=teacher_fn, renoise=None)
             z_t = b["x_t"]                                                # [B, 3, 32, 32]
             if device.type == "cuda":
                 z_t = z_t.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args):
-                losses, x0_teacher = pd_loss(model, round_fn, z_t, b["t"], b["y"], n, teacher_clip, student_clip)
+            with runs.autocast(args):
+                losses, x0_teacher = pd_loss(model, round_fn, z_t, b["t"], b["y"], n, clip_teacher, clip_student)
                 loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
-            common.check_finite(step, loss=loss, grad_norm=gnorm)
+            runs.check_finite(step, loss=loss, grad_norm=gnorm)
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
             stats.add(losses, b["source"])
@@ -278,16 +285,16 @@ def train(args):
                 log.write(step, **stats.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,
                           lr=opt.param_groups[0]["lr"])
             log.tick(step)
-            common.end_of_step(args, step, save, stop, evaluate)
-    return common.finish(args, ckpt_path, make_generator, evaluate)
+            runs.end_of_step(args, step, save, stop, evaluate_now)
+    return runs.finish(args, ckpt_path, make_generator, evaluate_now)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
-        return common.dry_run(args)
+        return cli.dry_run(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -16,15 +16,15 @@ d = z_t - alpha_t mu_k (Woodbury in the r-dimensional subspace: no D x D matrix 
                         c_j = (lam_j + s^2) / (alpha_t^2 (lam_j + s^2) + sigma_t^2),  c_perp = s^2 / (alpha_t^2 s^2 + sigma_t^2)
     E[x_0 | z_t, y]   = sum_m p(m | z_t, y) E[x_0 | z_t, (y, m)]       (y = 10, the null class: all 30 components)
 
-in float64. common.ExactTeacher returns the v-prediction (alpha_t z - E[x_0 | z_t, y]) / sigma_t, so it
+in float64. ExactTeacher returns the v-prediction (alpha_t z - E[x_0 | z_t, y]) / sigma_t, so it
 goes wherever a teacher network goes (common.denoise, classifier-free guidance included). This file is a
-bottom layer like unet.py: it imports no project module (common.py loads its data, eval.py its metrics).
+layer just above common.py, whose diffusion conventions it uses (runs.py loads its data, eval.py its metrics).
 
 Design choices (ours): 10 classes x 3 components (weights 0.5, 0.3, 0.2, so that dropping a mode shows),
 rank r = 6 with eigenvalues decaying by 0.7, isotropic s = 0.08. Means are a class colour plus a smooth
 pattern; the covariance directions are smooth patterns too (2-D cosines of spatial frequency <= 3 per
 axis, mixed per channel): low-frequency, image-like structure that a UNet's inductive bias suits. The
-amplitudes keep a sample inside [-1, 1] with probability above 0.999 (test_ddil.py checks it), so that
+amplitudes keep a sample inside [-1, 1] with probability above 0.999 (test_oracles.py checks it), so that
 thresholding is judged on the models, not on the data. Everything is made from `seed` (default 0).
 
 Exact metrics of samples x conditioned on labels y (`GMM.metrics`; eval.py names them with their sample
@@ -55,6 +55,8 @@ import math
 
 import numpy as np
 import torch
+
+from common import _bc, alpha_sigma
 
 D = 3 * 32 * 32
 NUM_CLASSES = 10                    # label NUM_CLASSES = the null class: p(x_0) over all components
@@ -252,6 +254,9 @@ def mixture(seed=0, device="cpu"):
     return _CACHE[key]
 
 
+build_mixture = mixture         # ExactTeacher's `mixture` argument shadows the function's name
+
+
 def dataset(n, split="train"):
     """uint8 [n, 3, 32, 32] exact samples (quantised like images) and labels [n], balanced over the 10
     classes; deterministic per split (train: generator seed 1, test: 2)."""
@@ -270,6 +275,23 @@ def ode_grid(steps=ODE_STEPS, log_snr=(-10.0, 10.0)):
     lo, hi = log_snr
     lam = [lo + (hi - lo) * i / (steps - 1) for i in range(steps)]
     return [1.0] + [2 / math.pi * math.atan(math.exp(-l / 2)) for l in lam[1:]] + [0.0]
+
+
+class ExactTeacher(torch.nn.Module):
+    """The exact benchmark's denoiser E[x_0 | z_t, y] (the closed form above, float64) as a v-prediction
+    network, v = (alpha_t z - x̂_0) / sigma_t: it goes wherever a teacher network goes (`common.denoise` inverts
+    it exactly, classifier-free guidance included; label NULL_CLASS is the unconditional mixture)."""
+
+    def __init__(self, seed=0, mixture=None):
+        super().__init__()
+        self.mixture = mixture if mixture is not None else build_mixture(seed)
+
+    def forward(self, z, t, y):
+        t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
+        alpha, sigma = alpha_sigma(t)
+        x0 = self.mixture.denoise(z, alpha, sigma, y).to(z.device)
+        alpha, sigma = (_bc(a.double().to(z.device), z) for a in (alpha, sigma))
+        return ((alpha * z.double() - x0) / sigma).to(z.dtype)
 
 
 def main(argv=None):
@@ -291,3 +313,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

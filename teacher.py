@@ -22,8 +22,10 @@ import os
 
 import torch
 
+import cli
 import common
-import eval as evaluation
+import runs
+import scoring
 from common import NULL_CLASS, alpha_sigma
 
 # Preset values of every flag whose default is None. cifar10 is sized for about an hour on one H100
@@ -46,22 +48,22 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(p, student=False)
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_common_args(p, student=False)
     g = p.add_argument_group("teacher network and loss")
-    g.add_argument("--ch", type=common._positive_int, default=None,
+    g.add_argument("--ch", type=cli.positive_int, default=None,
                    help="UNet base channels (preset; cifar10: 128, 38 M parameters, ~1 h on one H100, estimated)")
     g.add_argument("--ch-mult", default=None, help="channel multiplier per resolution, e.g. 1,2,2,2 (preset)")
-    g.add_argument("--num-blocks", type=common._positive_int, default=None, help="ResBlocks per resolution (preset)")
+    g.add_argument("--num-blocks", type=cli.positive_int, default=None, help="ResBlocks per resolution (preset)")
     g.add_argument("--attn-res", default="16", help="resolutions with self-attention, comma-separated")
-    g.add_argument("--dropout", type=common._fraction, default=None, help="dropout in ResBlocks (preset)")
-    g.add_argument("--p-uncond", type=common._fraction, default=0.1, help="label dropout for CFG (null class)")
-    g.add_argument("--warmup", type=common._count, default=None, help="learning-rate warm-up iterations (preset)")
+    g.add_argument("--dropout", type=cli.fraction, default=None, help="dropout in ResBlocks (preset)")
+    g.add_argument("--p-uncond", type=cli.fraction, default=0.1, help="label dropout for CFG (null class)")
+    g.add_argument("--warmup", type=cli.count, default=None, help="learning-rate warm-up iterations (preset)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips of the data")
-    g.add_argument("--sample-steps", type=common._positive_int, default=None, help="DDIM steps for samples.png (preset)")
-    common.preset_help(p, PRESETS)
+    g.add_argument("--sample-steps", type=cli.positive_int, default=None, help="DDIM steps for samples.png (preset)")
+    cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    common.resolve(p, args, "teacher", PRESETS)
+    cli.resolve(p, args, "teacher", PRESETS)
     try:
         args.ch_mult = [int(c) for c in str(args.ch_mult).split(",")]
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r]
@@ -88,7 +90,7 @@ def ensure_teacher(args):
     """The teacher checkpoint of a method script's resolved args: --teacher PATH, or for --teacher auto
     the default teacher run of this preset and dataset, trained (or resumed) here when it is missing
     or unfinished. Sets args.teacher_path (recorded in the run's config; eval and ablate read it)."""
-    path, finished = common.teacher_checkpoint(args)
+    path, finished = runs.teacher_checkpoint(args)
     if not finished:
         print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py", flush=True)
         main(auto_argv(args, os.path.dirname(path)))        # a stop here stops the method script too
@@ -113,7 +115,7 @@ def teacher_loss(net, x0, y, p_uncond):
 
 def make_generator(ckpt, device, steps=32, guidance=None):
     """generate(noise, labels, renoise) -> x̂_0 with the EMA teacher: DDIM, `steps` uniform steps, CFG."""
-    net = common.build_unet(ckpt["unet"], device)
+    net = runs.build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     net.eval().requires_grad_(False)
     w = ckpt["config"]["guidance"] if guidance is None else guidance
@@ -122,52 +124,59 @@ def make_generator(ckpt, device, steps=32, guidance=None):
         lambda z, t, y: common.denoise(net, z, t, y, w), noise, labels, times)
 
 
+def evaluate(run_dir, n_samples=None, device=None, **options):
+    """A teacher run's metrics.json: samples of its DDIM sampler with its --sample-steps (as samples.png)."""
+    steps = runs.read_json(os.path.join(run_dir, "config.json")).get("sample_steps") or 32
+    return scoring.evaluate_checkpoint(run_dir, lambda ckpt, device: make_generator(ckpt, device, steps),
+                                       None, n_samples, device, sampler=f"ddim{steps}", **options)
+
+
 # --- Training loop ---
 
 def train(args):
-    common.announce(args, "teacher")
+    runs.announce(args, "teacher")
     device = torch.device(args.device)
-    common.seed_everything(args.seed)
-    data = common.Dataset(*common.load_images(args.dataset, args.data_dir), device)
-    ckpt_path = common.prepare_run(args, "teacher")
+    runs.seed_everything(args.seed)
+    data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
+    ckpt_path = runs.prepare_run(args, "teacher")
     unet_config = dict(ch=args.ch, ch_mult=args.ch_mult, num_blocks=args.num_blocks, attn_res=args.attn_res,
                        dropout=args.dropout)
-    net = common.build_unet(unet_config, device)
-    ema = common.build_unet(unet_config, device).requires_grad_(False)
+    net = runs.build_unet(unet_config, device)
+    ema = runs.build_unet(unet_config, device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    opt = common.optimizer(net.parameters(), args.lr, device)
+    opt = runs.optimizer(net.parameters(), args.lr, device)
     step = 0
     if os.path.exists(ckpt_path):                               # resume
-        with common.resuming(ckpt_path):   # a checkpoint that does not fit: one line
-            ckpt = common.load_checkpoint(ckpt_path, device)
+        with runs.resuming(ckpt_path):   # a checkpoint that does not fit: one line
+            ckpt = runs.load_checkpoint(ckpt_path, device)
             net.load_state_dict(ckpt["nets"]["model"]), ema.load_state_dict(ckpt["nets"]["ema"])
             opt.load_state_dict(ckpt["opts"]["model"])
-            common.set_rng_state(ckpt["rng"])
+            runs.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in net.parameters())
     print(f"teacher UNet: {n_params / 1e6:.2f} M parameters, {len(data)} training images ({args.dataset})")
-    model = common.maybe_compile(net, args)
+    model = runs.maybe_compile(net, args)
 
     def save():
-        common.save_checkpoint(ckpt_path, dict(
+        runs.save_checkpoint(ckpt_path, dict(
             step=step, config=vars(args), unet=unet_config, nets=dict(model=net.state_dict(), ema=ema.state_dict()),
-            opts=dict(model=opt.state_dict()), rng=common.rng_state()))
+            opts=dict(model=opt.state_dict()), rng=runs.rng_state()))
 
-    evaluate = lambda: evaluation.evaluate_run(args.out, args.eval_samples, args.device)
-    log = common.RunLog(args.out, args.iters, step)
-    with common.GracefulStop() as stop:
+    evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
+    log = runs.RunLog(args.out, args.iters, step)
+    with runs.GracefulStop() as stop:
         while step < args.iters:
             for group in opt.param_groups:
-                group["lr"] = common.lr_at(step, args.lr, args.warmup)
+                group["lr"] = runs.lr_at(step, args.lr, args.warmup)
             x0, y = data.batch(args.batch_size, hflip=args.hflip)
             if device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args):
+            with runs.autocast(args):
                 loss = teacher_loss(model, x0, y, args.p_uncond).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            common.check_finite(step, loss=loss)
+            runs.check_finite(step, loss=loss)
             opt.step()
             common.ema_update(ema, net, args.ema, step)
             log.add(loss=loss)
@@ -175,17 +184,17 @@ def train(args):
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, lr=opt.param_groups[0]["lr"])
             log.tick(step)
-            common.end_of_step(args, step, save, stop, evaluate)
-    return common.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps),
+            runs.end_of_step(args, step, save, stop, evaluate_now)
+    return runs.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps),
                          evaluate)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
-        return common.dry_run(args)
+        return cli.dry_run(args)
     return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)
