@@ -36,12 +36,27 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(f"{self.prog}: error: {message}")
 
 
-def weight(s):
+def number(s):
+    """A finite number: nan and inf are refused, never trained with."""
     try:
-        w = float(s)
+        x = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not math.isfinite(w) or w < 0:
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a finite number")
+    return x
+
+
+def integer(s):
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+
+
+def weight(s):
+    w = number(s)
+    if w < 0:
         raise argparse.ArgumentTypeError(f"{s!r} must be a finite non-negative weight")
     return w
 
@@ -64,27 +79,14 @@ def fraction(s):
 
 
 def positive_int(s):
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    n = integer(s)
     if n <= 0:
         raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
     return n
 
 
-def number(s):
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"{s!r} must be a finite number")
-    return x
-
-
 def positive(s):
-    """A finite number > 0 (learning rates, scales): nan and inf are refused, not trained with."""
+    """A finite number > 0 (learning rates, scales)."""
     x = number(s)
     if x <= 0:
         raise argparse.ArgumentTypeError(f"{s!r} must be > 0")
@@ -100,24 +102,10 @@ def nonnegative(s):
 
 
 def seed_int(s):
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    n = integer(s)
     if not 0 <= n < 2 ** 63:
         raise argparse.ArgumentTypeError(f"{s!r} must lie in [0, 2**63)")
     return n
-
-
-def _int_list(s):
-    """'1,2,2' -> (1, 2, 2): positive integers, comma-separated."""
-    try:
-        v = tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
-    if not v or min(v) <= 0:
-        raise argparse.ArgumentTypeError(f"{s!r}: every entry must be a positive integer")
-    return v
 
 
 def count(s):
