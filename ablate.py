@@ -274,9 +274,9 @@ class RunJob:
     Attempts and wall time are counted in <run>/attempts.json, not in this object: a job that SLURM
     requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
 
-    def __init__(self, run, runs_dir, results, env=None, log=None):
+    def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
-        self._proc = None
+        self.stop_within, self._proc = stop_within, None
 
     def __call__(self):
         if is_done(self.run, self.results):             # finished by another worker meanwhile
@@ -305,7 +305,7 @@ class RunJob:
                 log.close()
         if code == 75:
             return "busy"
-        if code == 130 and os.environ.get("SLURM_JOB_ID"):
+        if code in (130, -signal.SIGTERM, -signal.SIGUSR2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             # Stopped by SLURM (scontrol requeue, preemption, scancel): the run saved its checkpoint. The job is
             # being requeued or cancelled, and SLURM ends this process; returning now would write a 'failed'
             # result for a job that is not over.
@@ -326,7 +326,7 @@ class RunJob:
             proc.send_signal(signal.SIGTERM)             # the run saves its checkpoint and exits 130
             # Not proc.wait(): this handler interrupts __call__ inside proc.wait(), which holds the Popen's
             # waitpid lock, so a second wait here could only time out. Reap the run directly.
-            deadline = time.time() + 300
+            deadline = time.time() + self.stop_within       # then the job must still be requeued in time
             while time.time() < deadline:
                 try:
                     if os.waitpid(proc.pid, os.WNOHANG)[0]:
@@ -362,7 +362,11 @@ def run_state(run, runs_dir, results):
     out = os.path.join(runs_dir, run.name)
     if runs.run_dir_in_use(out):
         return "running"
-    job_file = os.path.join(out, "submitit", "job.json")
+    return job_state(os.path.join(out, "submitit", "job.json"))
+
+
+def job_state(job_file):
+    """todo (never submitted), queued, running, failed (over) or lost, from a job.json and submitit."""
     if not os.path.isfile(job_file):
         return "todo"
     job = read_json(job_file, "cluster", "job_id")
@@ -445,23 +449,34 @@ def executor_for(folder, args):
     params.update(args.slurm)
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.requeues,
                                      local_max_num_timeout=args.requeues)
-    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    try:
+        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    except (NameError, AssertionError, TypeError, ValueError) as e:
+        raise common.UserError(f"--slurm: submitit does not take these parameters ({str(e).splitlines()[0][:200]})") from None
     return executor
 
 
-def submit(executor, fn, what):
+def submit(executor, fn, what, args):
     """executor.submit, with sbatch's refusal (no GPUs on the partition, an unknown account ...) as one line
-    naming the flags that set the request (sbatch's own stderr is folded into it)."""
+    naming the flags that set the request (sbatch's own stderr is folded into it). From inside a job (the
+    grid's first job) the job's SLURM variables are hidden from sbatch (submitit's clean_env)."""
     import tempfile
+    from contextlib import nullcontext
     from submitit.core.utils import FailedJobError
+    from submitit.helpers import clean_env
+    sys.stderr.flush()
     saved, captured = os.dup(2), tempfile.TemporaryFile()
     os.dup2(captured.fileno(), 2)
     job = why = None
     try:
-        job = executor.submit(fn)
+        with clean_env() if args.in_job else nullcontext():
+            job = executor.submit(fn)
     except FailedJobError as e:
         why = next((line.strip() for line in str(e).splitlines() if "error" in line.lower()), str(e).strip()[:200])
+    except FileNotFoundError as e:
+        why = f"{e.filename or 'sbatch'} not found: no SLURM here (--cluster local runs the jobs on this machine)"
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         captured.seek(0)
@@ -496,7 +511,8 @@ def launch_submitit(todo, args):
     for run in todo:
         folder = os.path.join(args.runs, run.name, "submitit")
         executor = executor_for(folder, args)
-        job = submit(executor, RunJob(run, args.runs, args.results, log=os.path.join(folder, "run.log")), run.name)
+        job = submit(executor, RunJob(run, args.runs, args.results, log=os.path.join(folder, "run.log"),
+                                      stop_within=max(10, args.signal_delay - 20)), run.name, args)
         write_json(os.path.join(folder, "job.json"), dict(job_id=job.job_id, cluster=executor.cluster, time=time.time()))
         print(f"submitted {run.name} ({' '.join(run.settings)}): job {job.job_id}", flush=True)
         jobs.append((run, job))
@@ -534,6 +550,10 @@ class PrepareJob:
     def __call__(self):
         main(self.argv)
         return "submitted"
+
+    def checkpoint(self, *args, **kwargs):        # a time limit while the teacher trains: requeue, it resumes
+        from submitit.helpers import DelayedSubmission
+        return DelayedSubmission(self)
 
 
 def save_record(run, out, results, timing):
@@ -869,8 +889,9 @@ def parse_args(argv=None):
         p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of seeds (integers >= 0)")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"argument --seeds: {','.join(map(str, args.seeds))} repeats a seed (each seed is one run per row)")
-    if args.preset == "auto":
-        args.preset = "cifar10" if torch.cuda.is_available() else "smoke"
+    if args.preset == "auto":       # on a cluster, the compute nodes decide: GPUs asked for means cifar10
+        gpus = torch.cuda.is_available() or (args.launcher == "slurm" and args.gpus_per_job > 0)
+        args.preset = "cifar10" if gpus else "smoke"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shift_samples is None:
@@ -914,12 +935,22 @@ def main(argv=None):
     todo = [run for run in runs if states[run.name] in ("todo", "failed", "lost")]     # --tables: none
     submitted = {}
     if todo and on_cluster:
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        executor = executor_for(os.path.join(args.runs, "_prepare", "submitit"), args)
-        job = submit(executor, PrepareJob(argv), "the grid's first job")
-        print(f"submitted job {job.job_id}: on a compute node it trains the teacher if there is none and makes the "
-              f"shared caches, then submits the {len(todo)} runs; rerun this command to see the grid's state",
-              flush=True)
+        first = argparse.Namespace(name="_prepare")              # the grid's first job, tracked as a run is
+        job = job_of(first, args.runs)
+        state = job_state(os.path.join(args.runs, "_prepare", "submitit", "job.json"))
+        if state in ("queued", "running"):
+            print(f"the grid's first job {job.job_id} is {state}: it submits the runs when it has made what they "
+                  "share", flush=True)
+        else:
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+            folder = os.path.join(args.runs, "_prepare", "submitit")
+            own = argv[:argv.index("--")] if "--" in argv else argv
+            job = submit(executor_for(folder, args), PrepareJob(own + ["--preset", args.preset] + argv[len(own):]),
+                         "the grid's first job", args)
+            write_json(os.path.join(folder, "job.json"), dict(job_id=job.job_id, cluster=args.cluster, time=time.time()))
+            print(f"submitted job {job.job_id}: on a compute node it trains the teacher if there is none and makes "
+                  f"the shared caches, then submits the {len(todo)} runs; rerun this command to see the grid's state",
+                  flush=True)
         if not args.wait:
             return runs
         wait_jobs([(argparse.Namespace(name="first job (teacher, shared caches, submission)"), job)])

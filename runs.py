@@ -387,7 +387,8 @@ def end_of_step(args, step, save, stop, evaluate):
     """Checkpoint every --save-every steps, at the last step and on a stop request; call evaluate()
     (the script's metrics.json writer) every --eval-every steps. Raises Stopped after saving when
     Ctrl-C / SIGTERM asked the loop to stop."""
-    due = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples)
+    due = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples
+               and not stop.requested)                        # a stop request: save and go, no evaluation first
     if step % args.save_every == 0 or step == args.iters or stop.requested or due:
         save()                                   # the evaluation reads the checkpoint
     if due:

@@ -186,7 +186,7 @@ def train(args):
             log.tick(step)
             runs.end_of_step(args, step, save, stop, evaluate_now)
     return runs.finish(args, ckpt_path, lambda ckpt, device: make_generator(ckpt, device, args.sample_steps),
-                         evaluate)
+                         evaluate_now)
 
 
 def main(argv=None):

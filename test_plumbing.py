@@ -1081,7 +1081,7 @@ def test_eval_refuses_a_student_as_teacher_an_undecodable_image_and_a_run_in_tra
         evaluation.main(["--images", str(tmp_path / "imgs"), "--device", "cpu"])
     run_dir = tmp_path / "busy"
     run_dir.mkdir()
-    holder = subprocess.Popen([PY, "-c", "import common, sys, time; runs.lock_run_dir(sys.argv[1]); "
+    holder = subprocess.Popen([PY, "-c", "import runs, sys, time; runs.lock_run_dir(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(60)", str(run_dir)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
