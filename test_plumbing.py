@@ -1174,3 +1174,18 @@ def test_sbatch_refusal_is_one_line_naming_the_flag(teacher_ckpt, tmp_path):
     r = run(["ablate.py", *argv])
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "sbatch refused" in r.stderr and "--gpus-per-job" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_the_teacher_evaluates_itself_at_the_end_with_its_own_sampler(tmp_path, monkeypatch):
+    import teacher
+    seen = []
+
+    def evaluate_checkpoint(run_dir, make_generator, make_student, n, device, sampler=None, **k):
+        ckpt = runs.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+        x = make_generator(ckpt, "cpu")(torch.randn(2, 3, 32, 32), torch.arange(2))
+        seen.append((run_dir, n, sampler, make_student, tuple(x.shape)))
+    monkeypatch.setattr(scoring, "evaluate_checkpoint", evaluate_checkpoint)
+    teacher.main(["--preset", "smoke", "--iters", "2", "--batch-size", "4", "--eval-samples", "4", "--sample-steps", "2",
+                  "--log-every", "1", "--out", str(tmp_path)])
+    assert seen == [(str(tmp_path), 4, "ddim2", None, (2, 3, 32, 32))]
