@@ -420,10 +420,18 @@ def finish(args, ckpt_path, make_generator, evaluate):
     ckpt = load_checkpoint(ckpt_path, args.device)
     if finished(args, ckpt["step"]):
         return ckpt_path
-    with autocast(args):
-        class_grid(make_generator(ckpt, args.device), args.device, os.path.join(args.out, "samples.png"))
-    if args.eval_samples:
-        evaluate()
+    # Training is over and saved: a scheduler's stop (SLURM's SIGUSR2 before a time limit, SIGTERM) lets the
+    # samples and the evaluation finish rather than kill them and redo them in the next job. (Ctrl-C still
+    # interrupts; a scheduler that does not wait ends the process with SIGKILL, and a rerun redoes this.)
+    deferred = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        with autocast(args):
+            class_grid(make_generator(ckpt, args.device), args.device, os.path.join(args.out, "samples.png"))
+        if args.eval_samples:
+            evaluate()
+    finally:
+        for s, handler in deferred.items():
+            signal.signal(s, handler)
     print(f"done: {ckpt_path}")
     return ckpt_path
 

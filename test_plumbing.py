@@ -1131,7 +1131,7 @@ def test_slurm_grid_with_a_requeue_gives_the_uninterrupted_records(sequential_gr
     argv = _slurm_argv(tmp_path, teacher_ckpt)
     r = run(["ablate.py", *argv])                                    # submits the first job and returns
     assert r.returncode == 0 and "submitted job" in r.stdout, r.stderr
-    _wait_for(lambda: (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*/submitit/job.json"))) == 2,
+    _wait_for(lambda: (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("lcm-*/submitit/job.json"))) == 2,
               what="the first job to submit the runs")
     victim = sorted((tmp_path / "runs").glob("lcm-*"))[0]
     _wait_for(lambda: any(row["step"] >= 2 for row in read_log(victim)), what="training to start")
