@@ -54,13 +54,6 @@ def integer(s):
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
 
 
-def weight(s):
-    w = number(s)
-    if w < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be a finite non-negative weight")
-    return w
-
-
 def triple(s):
     parts = s.split(",")
     if len(parts) != 3:
@@ -94,11 +87,14 @@ def positive(s):
 
 
 def nonnegative(s):
-    """A finite number >= 0 (0 usually switches the thing off)."""
+    """A finite number >= 0 (0 usually switches the thing off; a prior weight)."""
     x = number(s)
     if x < 0:
         raise argparse.ArgumentTypeError(f"{s!r} must be >= 0")
     return x
+
+
+weight = nonnegative            # the beta flags' prior weights: finite, >= 0 (normalised later)
 
 
 def seed_int(s):
