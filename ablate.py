@@ -60,7 +60,6 @@ import scoring
 METHODS = ("pd", "lcm", "dmd2")
 STUDIES = ("priors", "threshold", "paper")
 PRESETS = ("smoke", "cifar10", "gmm")
-BASELINE_SOURCE = {"pd": "fwd", "lcm": "fwd", "dmd2": "student"}    # DESIGN §4: each method's own baseline
 # Metric prefixes in table order; eval.py names keys <prefix><samples>_<reference>[_k<k>], e.g. fid10k_train.
 METRICS = ("fid", "class_score", "class_acc", "lpips_div", "precision", "recall", "density", "coverage",
            "nll", "class_post", "mode_tv", "fd_px", "teacher_mse", "teacher_lpips")
@@ -106,7 +105,8 @@ def grid(study, method):
 
 def reference(study, method):
     """The row every paired delta is taken against: the method's baseline, or no thresholding."""
-    return {"priors": "fwd100" if BASELINE_SOURCE[method] == "fwd" else "student100",
+    own = importlib.import_module(f"ddil_{method}").BASELINE_SOURCE       # the method's own input source
+    return {"priors": "fwd100" if own == "fwd" else "student100",
             "threshold": "none", "paper": "baseline"}[study]
 
 

@@ -54,6 +54,13 @@ def alpha_sigma(t):
     return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
 
 
+def forward_diffuse(x0, t, eps):
+    """The forward process q(z_t | x_0) and the v-target it implies: z_t = alpha_t x_0 + sigma_t ε and
+    v = alpha_t ε - sigma_t x_0. x0, eps: [B, 3, 32, 32]; t: float or [B]. Returns (z_t, v)."""
+    alpha_t, sigma_t = (_bc(a.to(x0.device), x0) for a in alpha_sigma(t))
+    return alpha_t * x0 + sigma_t * eps, alpha_t * eps - sigma_t * x0
+
+
 def to_x0_eps(z, t, v):
     """v-parameterisation -> (x̂_0, ε̂):  x̂_0 = alpha_t z - sigma_t v,  ε̂ = sigma_t z + alpha_t v."""
     alpha_t, sigma_t = (_bc(a.to(z.device), z) for a in alpha_sigma(t))
@@ -235,7 +242,7 @@ class DDILSampler:
     One draw is one training iteration: `self.it` counts them and is the clock of a state's age.
 
     buffer_size = 0: every backward state is a fresh rollout to its own random j (`rollout`).
-    buffer_size > 0: a FIFO replay buffer per source of whole trajectories (`trajectory`: one state at
+    buffer_size > 0: a FIFO replay buffer per source (`ReplayBuffer`) of whole trajectories (`trajectory`: one state at
     every grid time, so every grid time is always served, high noise included), holding at most
     buffer_size // K of them. It takes in, on average, `refresh` fresh states per backward state
     served, rolled out `chunk` trajectories at a time: dozens of sequential teacher calls on a
@@ -243,8 +250,7 @@ class DDILSampler:
     every batch" for speed.) DAgger trains on the current policy's states, so student states older
     than `max_age` iterations are dropped before serving (0 = no bound), and student refills are
     made small enough (at most rate * max_age / 2 trajectories, rate = the refresh credit per
-    iteration) that at least two land within every age window. The buffer is in `state_dict()`,
-    stored in float16 (the states are N(0, 1)-scale; half precision is 5e-4 relative)."""
+    iteration) that at least two land within every age window. The buffers are in `state_dict()`."""
 
     def __init__(self, data, priors, prior_start=(1.0, 0.0, 0.0), schedule="constant", warmup=0.3,
                  buffer_size=0, refresh=0.25, expert_prob=0.0, teacher_steps=32, chunk=8, max_age=0):
@@ -276,8 +282,7 @@ class DDILSampler:
         n_fwd, n_teacher, n_student = counts.tolist()
         x0, y = self.data.batch(n_fwd)
         t = fwd_times.to(x0.device)[torch.randint(len(fwd_times), (n_fwd,), device=x0.device)]
-        alpha_t, sigma_t = (_bc(a.to(x0.device), x0) for a in alpha_sigma(t))
-        parts = [(alpha_t * x0 + sigma_t * torch.randn_like(x0), t, y)]
+        parts = [(forward_diffuse(x0, t, torch.randn_like(x0))[0], t, y)]
         # The expert's grid is at least twice as fine as the student's (DESIGN §4): in PD's first round
         # (n = 32) a 32-per-unit teacher grid would be the student's own grid, one DDIM step per step.
         teacher_steps = max(self.teacher_steps, 2 * (len(times) - 1))
@@ -324,72 +329,101 @@ class DDILSampler:
         if m == 0:
             return self._fresh(0, times, student_fn, teacher_fn, expert_prob, renoise, teacher_steps)
         K = len(times) - 1
-        C = max(1, self.buffer_size // K)                               # capacity in trajectories
         buf = self.buffers[name]
-        if buf is None or buf["K"] != K:
-            buf = self.buffers[name] = dict(z=None, y=None, born=None, K=K, ptr=0, n=0, credit=0.0)
+        if buf is None or buf.K != K:
+            buf = self.buffers[name] = ReplayBuffer(max(1, self.buffer_size // K), K)
         rate = self.refresh * m / K                                     # trajectories earned per draw
-        buf["credit"] += rate
-        chunk = min(self.chunk, C)
+        buf.credit += rate
+        chunk = min(self.chunk, buf.capacity)
         if name == "student" and self.max_age:
-            live = self._live(buf)
-            buf["n"] -= int((self.it - buf["born"][live] > self.max_age).sum()) if buf["n"] else 0
+            buf.drop_older_than(self.it, self.max_age)
             chunk = max(1, min(chunk, int(rate * self.max_age / 2)))     # >= 2 refills per age window
-        new = chunk * int(buf["credit"] // chunk)                       # the credit, in whole chunks
-        short = math.ceil(m / K) - buf["n"]                             # too few states to serve m
+        new = chunk * int(buf.credit // chunk)                          # the credit, in whole chunks
+        short = math.ceil(m / K) - buf.n                                # too few states to serve m
         if short > 0:
             new = max(new, short, chunk)
         if new:
-            new = min(new, C)
+            new = min(new, buf.capacity)
             _, y = self.data.batch(new)
             noise = torch.randn(new, 3, 32, 32, device=y.device)
             z = trajectory(student_fn, teacher_fn, noise, y, times, expert_prob, renoise, teacher_steps)
-            self._push(buf, z.transpose(0, 1), y, C)                    # [new, K, 3, 32, 32]
-            buf["credit"] = max(0.0, buf["credit"] - new)
-        live = self._live(buf)
-        i = live[torch.randint(buf["n"], (m,), device=live.device)]     # trajectory
-        k = torch.randint(K, (m,), device=live.device)                  # grid time
-        t = torch.as_tensor(times[:K], dtype=torch.float32, device=buf["y"].device)[k]
-        return buf["z"][i, k].float(), t, buf["y"][i], self.it - buf["born"][i]
-
-    @staticmethod
-    def _live(buf):
-        """Indices of the live trajectories in the ring, oldest first."""
-        if buf["y"] is None:
-            return torch.zeros(0, dtype=torch.long)
-        return (buf["ptr"] - buf["n"] + torch.arange(buf["n"], device=buf["y"].device)) % len(buf["y"])
-
-    def _push(self, buf, z, y, C):
-        """Append trajectories z [B, K, ...] (B <= C) to the FIFO ring; the oldest are overwritten."""
-        if buf["z"] is None:
-            buf.update(z=z.new_zeros(C, *z.shape[1:], dtype=torch.float16), y=y.new_zeros(C),
-                       born=y.new_zeros(C, dtype=torch.long))
-        idx = (buf["ptr"] + torch.arange(len(z), device=z.device)) % C
-        buf["z"][idx], buf["y"][idx], buf["born"][idx] = z.half(), y, self.it
-        buf["ptr"] = (buf["ptr"] + len(z)) % C
-        buf["n"] = min(C, buf["n"] + len(z))
+            buf.push(z.transpose(0, 1), y, self.it)                     # [new, K, 3, 32, 32]
+            buf.credit = max(0.0, buf.credit - new)
+        z, k, y, born = buf.draw(m)
+        t = torch.as_tensor(times[:K], dtype=torch.float32, device=y.device)[k]
+        return z, t, y, self.it - born
 
     def state_dict(self):
         """The draw count and the buffers' live trajectories, oldest first (a half-empty buffer costs
         half the bytes)."""
-        buffers = {}
-        for name, b in self.buffers.items():
-            live = None if b is None or b["z"] is None else self._live(b)
-            buffers[name] = None if b is None else {
-                **b, **{k: None if live is None else b[k][live.to(b[k].device)] for k in ("z", "y", "born")}}
-        return {"it": self.it, "buffers": buffers}
+        return {"it": self.it, "buffers": {name: None if b is None else b.state_dict()
+                                           for name, b in self.buffers.items()}}
 
     def load_state_dict(self, state):
         self.reset()
         self.it = state["it"]
         for name, b in state["buffers"].items():
-            if b is None:
-                continue
-            buf = self.buffers[name] = dict(b, z=None, y=None, born=None, ptr=0, n=0)
-            if b["z"] is not None:
-                C = max(1, self.buffer_size // b["K"])
-                self._push(buf, b["z"], b["y"], C)
-                buf["born"][:b["n"]] = b["born"]
+            if b is not None:
+                self.buffers[name] = ReplayBuffer.from_state(b, max(1, self.buffer_size // b["K"]))
+
+
+class ReplayBuffer:
+    """A FIFO ring of at most `capacity` whole backward trajectories of one source, each K states (one
+    per grid time) with its label and the iteration it was made at (`born`). States are stored in
+    float16 (they are N(0, 1)-scale: half precision is 5e-4 relative). `credit` counts the trajectories
+    the buffer has earned towards its next refill (DDILSampler decides when to refill)."""
+
+    def __init__(self, capacity, K):
+        self.capacity, self.K = capacity, K
+        self.z = self.y = self.born = None                              # [C, K, 3, 32, 32], [C], [C]
+        self.ptr, self.n, self.credit = 0, 0, 0.0
+
+    def live(self):
+        """Indices of the live trajectories in the ring, oldest first."""
+        if self.y is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (self.ptr - self.n + torch.arange(self.n, device=self.y.device)) % self.capacity
+
+    def push(self, z, y, it):
+        """Append trajectories z [B, K, ...] (B <= capacity) made at iteration it; the oldest are overwritten."""
+        if self.z is None:
+            self.z = z.new_zeros(self.capacity, *z.shape[1:], dtype=torch.float16)
+            self.y, self.born = y.new_zeros(self.capacity), y.new_zeros(self.capacity, dtype=torch.long)
+        idx = (self.ptr + torch.arange(len(z), device=z.device)) % self.capacity
+        self.z[idx], self.y[idx], self.born[idx] = z.half(), y, it
+        self.ptr = (self.ptr + len(z)) % self.capacity
+        self.n = min(self.capacity, self.n + len(z))
+
+    def drop_older_than(self, it, max_age):
+        """Forget the trajectories more than max_age iterations old (the oldest are first in the ring)."""
+        if self.n:
+            self.n -= int((it - self.born[self.live()] > max_age).sum())
+
+    def draw(self, m):
+        """m states, uniform over the live (trajectory, grid time) pairs: z [m, 3, 32, 32] (fp32), the grid
+        index k [m], the label y [m] and the birth iteration [m]."""
+        live = self.live()
+        i = live[torch.randint(self.n, (m,), device=live.device)]       # trajectory
+        k = torch.randint(self.K, (m,), device=live.device)             # grid time
+        return self.z[i, k].float(), k, self.y[i], self.born[i]
+
+    def state_dict(self):
+        """The live trajectories, oldest first, and the ring's counters."""
+        live = None if self.z is None else self.live()
+        state = dict(K=self.K, ptr=self.ptr, n=self.n, credit=self.credit)
+        for key in ("z", "y", "born"):
+            value = getattr(self, key)
+            state[key] = None if live is None else value[live.to(value.device)]
+        return state
+
+    @classmethod
+    def from_state(cls, state, capacity):
+        buf = cls(capacity, state["K"])
+        buf.credit = state["credit"]
+        if state["z"] is not None:
+            buf.push(state["z"], state["y"], 0)
+            buf.born[:state["n"]] = state["born"]
+        return buf
 
 
 class SourceStats:

@@ -59,10 +59,10 @@ import cli
 import common
 import runs
 import scoring
-from common import alpha_sigma
 from teacher import ensure_teacher
 
 METHOD = "dmd2"
+BASELINE_SOURCE = "student"   # the inputs of the method without DDIL (DESIGN §4)
 
 # Preset values of every flag whose default is None (our choices, not tuned). A cifar10 iteration is
 # 5 critic updates + 1 generator update + the DDIL draw of 6 x 128 inputs, ~56 TFLOP with the baseline's
@@ -101,7 +101,7 @@ def parse_args(argv=None):
                         "(DMD2's cls_loss_weight); used only with --gan-weight > 0")
     cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    cli.resolve(p, args, METHOD, PRESETS, default_source="student", sample_clip=False)   # no clip in DMD2
+    cli.resolve(p, args, METHOD, PRESETS, default_source=BASELINE_SOURCE, sample_clip=False)   # no clip in DMD2
     if not 0.0 <= args.min_t < args.max_t <= 1.0:
         raise common.UserError(f"--min-t {args.min_t} / --max-t {args.max_t}: need 0 <= min-t < max-t <= 1")
     if args.lr <= 0 or args.lr_critic <= 0:
@@ -119,8 +119,7 @@ def distribution_matching_loss(x, y, teacher, critic, guidance, t_min, t_max, cl
     (fraction of the teacher's un-thresholded x̂_0 outside [-1, 1])."""
     with torch.no_grad():                                  # both scores are frozen in this loss
         t = t_min + (t_max - t_min) * torch.rand(x.shape[0], device=x.device)
-        alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
-        z_t = alpha_t * x + sigma_t * torch.randn_like(x)
+        z_t, _ = common.forward_diffuse(x, t, torch.randn_like(x))
         x0_real_raw = common.denoise(teacher, z_t, t, y, guidance)              # real score, CFG w
         x0_real = common.threshold(x0_real_raw, *clip_real)
         x0_fake = common.denoise(critic, z_t, t, y, 1.0, clip=clip_fake)        # fake score, no CFG
@@ -148,10 +147,8 @@ def critic_loss(critic, x, y):
     v-prediction loss at t ~ U(0, 1). Returns ‖v̂ - v‖² per example [B] and the bottleneck features."""
     x = x.detach()
     t = torch.rand(x.shape[0], device=x.device)
-    alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
-    eps = torch.randn_like(x)
-    v = alpha_t * eps - sigma_t * x
-    v_hat, features = critic(alpha_t * x + sigma_t * eps, t, y, return_features=True)
+    z_t, v = common.forward_diffuse(x, t, torch.randn_like(x))
+    v_hat, features = critic(z_t, t, y, return_features=True)
     return (v_hat.float() - v).square().mean(dim=(1, 2, 3)), features
 
 
@@ -164,9 +161,25 @@ def gan_head(channels):
 def realism_logit(critic, head, x, y):
     """D(x) on the critic's features of x noised at t ~ U(0, 1) (DMD2's diffusion GAN)."""
     t = torch.rand(x.shape[0], device=x.device)
-    alpha_t, sigma_t = (common._bc(a, x) for a in alpha_sigma(t))
-    _, features = critic(alpha_t * x + sigma_t * torch.randn_like(x), t, y, return_features=True)
+    z_t, _ = common.forward_diffuse(x, t, torch.randn_like(x))
+    _, features = critic(z_t, t, y, return_features=True)
     return head(features.float())
+
+
+def gan_critic_loss(critic, head, x_real, y_real, features_fake):
+    """D's non-saturating loss softplus(-D(real)) + softplus(D(fake)) = -log σ(D(real)) - log(1 - σ(D(fake))),
+    batch mean; features_fake: the critic's bottleneck of the generator samples in its denoising loss."""
+    return (F.softplus(-realism_logit(critic, head, x_real, y_real)) + F.softplus(head(features_fake.float()))).mean()
+
+
+def gan_generator_loss(critic, head, critic_model, x, y):
+    """G's non-saturating loss softplus(-D(x)) = -log σ(D(x)), batch mean. The gradient reaches x through
+    the critic, whose parameters (and the head's) are frozen for it. critic_model: the critic as called
+    (compiled or not); critic: the module whose parameters are frozen."""
+    critic.requires_grad_(False), head.requires_grad_(False)
+    loss = F.softplus(-realism_logit(critic_model, head, x, y)).mean()
+    critic.requires_grad_(True), head.requires_grad_(True)
+    return loss
 
 
 # --- Generator inputs: the DDIL mixture on G's grid ---
@@ -271,9 +284,50 @@ def train(args):
 
     evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
     log = runs.RunLog(args.out, args.iters, step)
-    stats = common.SourceStats(device)
+    per_source = common.SourceStats(device)
     B, n_fake = args.batch_size, args.fake_updates
     clip_norm = args.grad_clip or float("inf")
+
+    def update_critic(x, y):
+        """One step of μ_fake (and the GAN head D) on detached generator samples x: the denoising loss,
+        plus --gan-critic-weight times D's real-vs-fake loss. Returns loss + gradient norm (a NaN guard)."""
+        with runs.autocast(args):
+            loss, features = critic_loss(mu_fake, x, y)
+            loss = loss.mean()
+            if head is not None:
+                loss_gan = gan_critic_loss(mu_fake, head, *data.batch(B), features)
+                log.add(critic_gan_loss=loss_gan)
+                loss = loss + args.gan_critic_weight * loss_gan
+        opt_c.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(critic_params, clip_norm)
+        log.add(critic_grad_norm=gnorm)
+        opt_c.step()
+        log.add(critic_loss=loss)                       # logged: the mean over all n_fake updates
+        return loss.detach() + gnorm
+
+    def update_generator(x_t, t, y):
+        """The gradient of G at inputs (z_τ, τ, y): distribution matching, plus --gan-weight times the
+        generator's GAN loss through the frozen critic. Returns the loss, the per-example DM loss and the
+        clipped gradient norm; the caller steps the optimiser once the NaN guard passed."""
+        with runs.autocast(args):
+            x = straight_through(common.denoise(G, x_t, t, y, 1.0), clip_student)   # [B, 3, 32, 32]
+            loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
+                                                        args.max_t, clip_teacher, clip_critic)
+            loss = loss_dm.mean()
+            if head is not None:
+                loss_gan = gan_generator_loss(critic, head, mu_fake, x, y)
+                # DMD2's authors set --gan-weight by matching the DM and GAN gradient norms at x: log both.
+                log.add(gan_loss=loss_gan, gan_grad_norm=torch.autograd.grad(
+                    args.gan_weight * loss_gan, x, retain_graph=True)[0].norm())
+                loss = loss + args.gan_weight * loss_gan
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+        # ∂(mean DM loss)/∂x = grad / (B C H W) (see distribution_matching_loss): its norm, no extra backward
+        log.add(grad_norm=gnorm, loss=loss, clip_pct=100 * extra["clip"], dm_grad_norm=extra["grad"].norm() / x.numel())
+        return loss, loss_dm, gnorm
+
     with runs.GracefulStop() as stop:
         while step < args.iters:
             for opt, lr in ((opt_g, args.lr), (opt_c, args.lr_critic)):
@@ -291,56 +345,20 @@ def train(args):
                 with torch.no_grad():                   # detached generator samples for the critic
                     x_fake = common.denoise(G, b["x_t"][B:], b["t"][B:], b["y"][B:], 1.0, clip=clip_student)
 
-            # Critic μ_fake (and the GAN head): n_fake updates on fresh generator samples, before G's update
-            # so that the fake score has caught up with the current G when G uses it.
+            # DMD2's two time-scale rule: n_fake critic updates on fresh generator samples, then one generator
+            # update, so that the fake score has caught up with the current G when G uses it.
             critic_sum = 0.0                            # NaN / inf in any critic update reaches it (no sync)
             for k in range(n_fake):
-                x_k, y_k = x_fake[k * B:(k + 1) * B], b["y"][B + k * B:B + (k + 1) * B]
-                with runs.autocast(args):
-                    loss_c, features = critic_loss(mu_fake, x_k, y_k)
-                    loss_c = loss_c.mean()
-                    if head is not None:                # non-saturating: softplus(-D(real)) + softplus(D(fake))
-                        x_real, y_real = data.batch(B)
-                        loss_gan_c = (F.softplus(-realism_logit(mu_fake, head, x_real, y_real))
-                                      + F.softplus(head(features.float()))).mean()
-                        log.add(critic_gan_loss=loss_gan_c)
-                        loss_c = loss_c + args.gan_critic_weight * loss_gan_c
-                opt_c.zero_grad(set_to_none=True)
-                loss_c.backward()
-                critic_gnorm = torch.nn.utils.clip_grad_norm_(critic_params, clip_norm)
-                critic_sum = critic_sum + loss_c.detach() + critic_gnorm
-                log.add(critic_grad_norm=critic_gnorm)
-                opt_c.step()
-                log.add(critic_loss=loss_c)                # logged: the mean over all n_fake updates
-
-            # Generator G: distribution matching (+ GAN) on the first B inputs.
-            x_t, t, y = b["x_t"][:B], b["t"][:B], b["y"][:B]
-            with runs.autocast(args):
-                x = straight_through(common.denoise(G, x_t, t, y, 1.0), clip_student)   # [B, 3, 32, 32]
-                loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
-                                                            args.max_t, clip_teacher, clip_critic)
-                loss = loss_dm.mean()
-                if head is not None:                    # gradient flows through the frozen critic into x
-                    critic.requires_grad_(False), head.requires_grad_(False)
-                    loss_gan = F.softplus(-realism_logit(mu_fake, head, x, y)).mean()
-                    critic.requires_grad_(True), head.requires_grad_(True)
-                    log.add(gan_loss=loss_gan, gan_grad_norm=torch.autograd.grad(
-                        args.gan_weight * loss_gan, x, retain_graph=True)[0].norm())
-                    loss = loss + args.gan_weight * loss_gan
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+                critic_sum = critic_sum + update_critic(x_fake[k * B:(k + 1) * B], b["y"][B + k * B:B + (k + 1) * B])
+            loss, loss_dm, gnorm = update_generator(b["x_t"][:B], b["t"][:B], b["y"][:B])
             runs.check_finite(step, loss=loss, grad_norm=gnorm, critic_loss_and_grad_norms=critic_sum)
-            log.add(grad_norm=gnorm)
             opt_g.step()
             common.ema_update(ema, student, args.ema, step)
-            # ∂(mean DM loss)/∂x = grad / (B C H W) (see distribution_matching_loss): its norm, no extra backward
-            log.add(loss=loss, clip_pct=100 * extra["clip"], dm_grad_norm=extra["grad"].norm() / x.numel())
-            stats.add(loss_dm, b["source"][:B])
+            per_source.add(loss_dm, b["source"][:B])
             step += 1
 
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, **stats.summary("loss"), **sampler.log_stats(), lr=opt_g.param_groups[0]["lr"],
+                log.write(step, **per_source.summary("loss"), **sampler.log_stats(), lr=opt_g.param_groups[0]["lr"],
                           lr_critic=opt_c.param_groups[0]["lr"])
             log.tick(step)
             runs.end_of_step(args, step, save, stop, evaluate_now)

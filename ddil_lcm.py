@@ -46,6 +46,7 @@ from common import _bc
 from teacher import ensure_teacher
 
 METHOD = "lcm"
+BASELINE_SOURCE = "fwd"   # the inputs of the method without DDIL (DESIGN §4)
 
 # Preset values of every flag whose default is None. cifar10: 20k iterations of 128, ~9.5 TFLOP each
 # (teacher CFG step, target and student forward, student backward): ~35 min on one H100 at 100 TFLOP/s
@@ -87,7 +88,7 @@ def parse_args(argv=None):
                    help="clip the gradient norm of θ (diffusers' LCM distillation script: max_grad_norm 1.0); 0 = off")
     cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    cli.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=False)   # LCMScheduler: no clip
+    cli.resolve(p, args, METHOD, PRESETS, default_source=BASELINE_SOURCE, sample_clip=False)   # LCMScheduler: no clip
     N, k, K = args.solver_steps, args.skip, args.steps
     if K * k > N:
         raise common.UserError(f"--steps {K} × --skip {k} exceeds --solver-steps {N}: every sampling time must sit "
@@ -155,15 +156,15 @@ def distance(pred, target, kind, c):
 def lcm_loss(f_theta, f_target, teacher, z, n_k, y, *, N, k, guidance, clip_teacher, clip_target, loss, huber_c):
     """LCM Algorithm 1 on a batch of skeleton states z = z_{t_{n+k}} [B, 3, 32, 32] at indices n_k = n + k
     [B] (long, in {k..N}). f_theta / f_target: (z, t, y) -> consistency function of θ / θ⁻.
-    Returns the per-example loss [B] and device-scalar stats (clip fractions)."""
+    Returns the per-example loss [B] and the clip fractions (device scalars)."""
     t_nk, t_n = n_k.float() / N, (n_k - k).float() / N                           # t_{n+k}, t_n
     with torch.no_grad():                  # sg(·): the target carries no gradient (LCM Alg. 1)
         z_n, x0_teacher = teacher_step(teacher, z, t_nk, t_n, y, guidance, clip_teacher)   # ẑ_{t_n}
         target_raw = f_target(z_n, t_n, y)                  # f_θ⁻(ẑ_{t_n}, t_n); = ẑ_{t_0} at t_n = 0
         target = common.threshold(target_raw, *clip_target)                 # student clip on the target
     pred = f_theta(z, t_nk, y)                                               # f_θ(z_{t_{n+k}}, t_{n+k})
-    stats = dict(clip=common.out_of_range(x0_teacher), clip_target=common.out_of_range(target_raw))
-    return distance(pred, target, loss, huber_c), stats
+    clips = dict(clip=common.out_of_range(x0_teacher), clip_target=common.out_of_range(target_raw))
+    return distance(pred, target, loss, huber_c), clips
 
 
 @torch.no_grad()
@@ -175,7 +176,7 @@ def update_target(target, net, mu):
 # --- One training step's loss on the DDIL batch ---
 
 def step_loss(args, sampler, progress, student, target, teacher):
-    """Draw the DDIL batch on the skeleton and return (per-example loss [B], stats, source [B]).
+    """Draw the DDIL batch on the skeleton and return (per-example loss [B], clip fractions, source [B]).
     Forward states sit at t_{n+k}, n ~ U{0..N-k}; backward states at the K-step schedule's times,
     which are skeleton times with index >= k (parse_args checks K k <= N), trained as z_{t_{n+k}}."""
     N, k = args.solver_steps, args.skip
@@ -196,10 +197,10 @@ def step_loss(args, sampler, progress, student, target, teacher):
         z = z.contiguous(memory_format=torch.channels_last)
     n_k = (b["t"] * N).round().long()                                     # skeleton index n + k
     with runs.autocast(args):
-        loss, stats = lcm_loss(f_theta, f_target, teacher, z, n_k, b["y"], N=N, k=k, guidance=args.guidance,
+        loss, clips = lcm_loss(f_theta, f_target, teacher, z, n_k, b["y"], N=N, k=k, guidance=args.guidance,
                                clip_teacher=clip_teacher, clip_target=clip_student, loss=args.loss,
                                huber_c=args.huber_c)
-    return loss, stats, b["source"]
+    return loss, clips, b["source"]
 
 
 # --- Sampling (samples.png and eval.py) ---
@@ -276,7 +277,7 @@ def train(args):
             lr = runs.lr_at(step, args.lr, args.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, stats, source = step_loss(args, sampler, step / args.iters, model, target_model, teacher_model)
+            loss, clips, source = step_loss(args, sampler, step / args.iters, model, target_model, teacher_model)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
             gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
@@ -285,7 +286,7 @@ def train(args):
             update_target(target, student, args.target_ema)
             common.ema_update(ema, student, args.ema, step)
             per_source.add(loss, source)
-            log.add(loss=loss.detach().mean(), clip_pct=100 * stats["clip"], clip_target_pct=100 * stats["clip_target"],
+            log.add(loss=loss.detach().mean(), clip_pct=100 * clips["clip"], clip_target_pct=100 * clips["clip_target"],
                     grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:

@@ -47,6 +47,7 @@ from common import alpha_sigma, ddim_step, threshold
 from teacher import ensure_teacher
 
 METHOD = "pd"
+BASELINE_SOURCE = "fwd"   # the inputs of the method without DDIL (DESIGN §4)
 
 # Preset values of every flag whose default is None.
 # smoke: rounds 16 -> 8 -> 4 (two rounds of 40 iterations), about a minute on a 2-core CPU.
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=cli.nonnegative, default=1.0, help="clip the gradient norm of θ (0 = off)")
     cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
-    cli.resolve(p, args, METHOD, PRESETS, default_source="fwd", sample_clip=True)   # eval_clip_denoised
+    cli.resolve(p, args, METHOD, PRESETS, default_source=BASELINE_SOURCE, sample_clip=True)   # eval_clip_denoised
     ratio = args.start_steps // args.steps
     if args.start_steps % args.steps or ratio < 2 or ratio & (ratio - 1):
         raise common.UserError(f"--start-steps {args.start_steps} / --steps {args.steps} must be a power of two "
@@ -243,7 +244,7 @@ def train(args):
 
     evaluate_now = lambda: evaluate(args.out, args.eval_samples, args.device)
     log = runs.RunLog(args.out, args.iters, step)
-    stats = common.SourceStats(device)
+    per_source = common.SourceStats(device)
     with runs.GracefulStop() as stop:
         while step < args.iters:
             r = sum(s <= step for s in starts[1:-1])
@@ -278,11 +279,11 @@ def train(args):
             runs.check_finite(step, loss=loss, grad_norm=gnorm)
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
-            stats.add(losses, b["source"])
+            per_source.add(losses, b["source"])
             log.add(loss=loss, clip_pct=100 * common.out_of_range(x0_teacher), grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
-                log.write(step, **stats.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,
+                log.write(step, **per_source.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,
                           lr=opt.param_groups[0]["lr"])
             log.tick(step)
             runs.end_of_step(args, step, save, stop, evaluate_now)

@@ -397,8 +397,7 @@ def covariate_shift(out, make_student, n=256, ref_steps=64, device="cpu", memo=N
             if t not in cache:                    # (a) forward states at t and the teacher's ends, once per t
                 torch.manual_seed(int(1e6 * t))
                 x0, y = cache["data"].batch(n)
-                alpha_t, sigma_t = common.alpha_sigma(t)
-                z_fwd = alpha_t * x0 + sigma_t * torch.randn_like(x0)
+                z_fwd, _ = common.forward_diffuse(x0, t, torch.randn_like(x0))
                 cache[t] = (z_fwd, y, teacher_end(z_fwd, t, y))
             z_fwd, y, end = cache[t]
             gap_fwd.append(float((x0_fn(z_fwd, t, y) - end).square().mean()))

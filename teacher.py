@@ -26,7 +26,7 @@ import cli
 import common
 import runs
 import scoring
-from common import NULL_CLASS, alpha_sigma
+from common import NULL_CLASS
 
 # Preset values of every flag whose default is None. cifar10 is sized for about an hour on one H100
 # in bf16: a 38 M-parameter UNet (DDPM's CIFAR-10 layout), 12.4 GFLOP per image forward (torch's
@@ -103,10 +103,7 @@ def ensure_teacher(args):
 def teacher_loss(net, x0, y, p_uncond):
     """Per-example ‖v̂ - v‖² (mean over pixels) at t ~ U(0, 1). x0: [B, 3, 32, 32] in [-1, 1]."""
     t = torch.rand(x0.shape[0], device=x0.device)
-    alpha_t, sigma_t = (common._bc(a, x0) for a in alpha_sigma(t))
-    eps = torch.randn_like(x0)
-    z_t = alpha_t * x0 + sigma_t * eps
-    v = alpha_t * eps - sigma_t * x0                                      # regression target
+    z_t, v = common.forward_diffuse(x0, t, torch.randn_like(x0))           # v: the regression target
     y = torch.where(torch.rand_like(t) < p_uncond, torch.full_like(y, NULL_CLASS), y)
     return (net(z_t, t, y).float() - v).square().mean(dim=(1, 2, 3))
 

@@ -173,19 +173,19 @@ def test_replay_buffer_refresh_rate_fifo_and_state_dict():
     draw = lambda s: s.draw(40, 1.0, torch.tensor([0.5]), times, counting, counting)
     b = draw(sampler)
     buf = sampler.buffers["student"]
-    assert buf["n"] == 20 and calls == [20]          # empty buffer: 20 whole trajectories (40 states) fill it
-    assert sorted(set(b["t"].tolist())) == [0.5, 1.0] and buf["z"].dtype == torch.float16
+    assert buf.n == 20 and calls == [20]          # empty buffer: 20 whole trajectories (40 states) fill it
+    assert sorted(set(b["t"].tolist())) == [0.5, 1.0] and buf.z.dtype == torch.float16
     # Trajectory-major layout [trajectory, grid time]; with x̂_0 = 0 a DDIM step scales z by sigma_s / sigma_t:
     # each trajectory's second state is its first, scaled.
     ratio = float(alpha_sigma(0.5)[1] / alpha_sigma(1.0)[1])
-    torch.testing.assert_close(buf["z"][:20, 1].float(), ratio * buf["z"][:20, 0].float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(buf.z[:20, 1].float(), ratio * buf.z[:20, 0].float(), atol=2e-3, rtol=2e-3)
     for _ in range(7):
         draw(sampler)
     # On average refresh * m = 10 fresh states (5 trajectories) per draw, in chunks of 2 trajectories.
     pushed = sum(calls)
-    assert abs(pushed - (20 + 7 * 5)) <= 2 and buf["n"] == min(50, pushed) and buf["ptr"] == pushed % 50
+    assert abs(pushed - (20 + 7 * 5)) <= 2 and buf.n == min(50, pushed) and buf.ptr == pushed % 50
     state = sampler.state_dict()
-    assert len(state["buffers"]["student"]["z"]) == buf["n"] and state["buffers"]["teacher"] is None
+    assert len(state["buffers"]["student"]["z"]) == buf.n and state["buffers"]["teacher"] is None
     other = common.DDILSampler(_Data(), [0, 0, 1], buffer_size=100, refresh=0.25, chunk=2)
     other.load_state_dict(state)
     rng = torch.get_rng_state()
@@ -210,7 +210,7 @@ def test_replay_buffer_serves_every_grid_time_whatever_the_chunk():
         for _ in range(20):
             served |= set(sampler.draw(8, 1.0, torch.tensor([0.5]), times, ident, ident)["t"].tolist())
         assert served == set(times[:8]), (source, sorted(served))
-        assert sampler.buffers[source]["n"] == 2                   # 16 // 8 trajectories
+        assert sampler.buffers[source].n == 2                   # 16 // 8 trajectories
 
 
 class _Clock:
@@ -986,7 +986,8 @@ def test_gmm_frechet_is_the_frechet_distance_and_shrinks_like_its_finite_sample_
     C = np.cov(x, rowvar=False)
     v = np.trace(C - P @ P.T @ C @ P @ P.T) / (g.D - P.shape[1])
     S_hat = P @ P.T @ C @ P @ P.T + v * (np.eye(g.D) - P @ P.T)
-    ref = metrics.frechet_distance(x.mean(0), S_hat, mean.numpy(), S)
+    from scipy.linalg import sqrtm                     # the Fréchet distance written out, not metrics.frechet_distance
+    ref = float(np.sum((x.mean(0) - mean.numpy()) ** 2) + np.trace(S_hat + S - 2 * sqrtm(S_hat @ S).real))
     assert g.frechet(torch.from_numpy(x), 2) == pytest.approx(ref, abs=1e-6 * np.trace(S))
     # For exact samples the distance is pure finite-sample bias, O(1/n): n FD(n) stays put. Full size too.
     for mix, sizes in ((g, (250, 1000, 4000)), (gmm.mixture(), (100, 400, 1600))):
@@ -1050,3 +1051,143 @@ def test_paired_delta_mean_and_t_interval():
     assert ddil["d_fid_train"] == pytest.approx(-1.0) and ddil["d_fid_train_hi"] < 0     # consistent on every seed: *
     assert ddil["fid_train"] == pytest.approx(10.0)
     assert ddil["fid_train_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
+
+
+# --- EMA, the LCM target network, DMD2's critic and GAN losses, the covariate-shift diagnostic, the UNet ---
+
+def _constant_pair(seed=0):
+    torch.manual_seed(seed)
+    net, avg = nn.Linear(4, 3), nn.Linear(4, 3)
+    return net, avg, [p.detach().clone() for p in avg.parameters()]
+
+
+def test_ema_warm_up_is_the_closed_form_product():
+    # With the online weights held fixed at θ, ema_n - θ = prod_k d_k (ema_0 - θ), d_k = min(decay, (1 + k) / (10 + k)):
+    # during the warm-up d_k = (1 + k) / (10 + k) (1/10, 2/11, 3/12 at steps 0, 1, 2), after it d_k = decay.
+    for first, n, decay in ((0, 3, 0.99), (1000, 5, 0.99)):
+        net, ema, start = _constant_pair(first)
+        net.register_buffer("count", torch.tensor(5.0)), ema.register_buffer("count", torch.tensor(0.0))
+        for k in range(first, first + n):
+            common.ema_update(ema, net, decay, k)
+        shrink = math.prod(min(decay, (1 + k) / (10 + k)) for k in range(first, first + n))
+        assert shrink == pytest.approx(1 / 10 * 2 / 11 * 3 / 12 if first == 0 else 0.99 ** 5)
+        for e, p, e0 in zip(ema.parameters(), net.parameters(), start):
+            torch.testing.assert_close(e - p, shrink * (e0 - p), atol=1e-6, rtol=1e-3)
+        assert float(ema.count) == 5.0                      # buffers are copied, not averaged
+
+
+def test_lcm_target_network_is_a_fixed_rate_ema_without_warm_up():
+    net, target, start = _constant_pair(1)
+    for _ in range(7):
+        lcm.update_target(target, net, 0.95)
+    for e, p, e0 in zip(target.parameters(), net.parameters(), start):
+        torch.testing.assert_close(e - p, 0.95 ** 7 * (e0 - p), atol=1e-6, rtol=1e-4)
+
+
+class _WithFeatures(nn.Module):
+    """A v-network that also returns a 'bottleneck' (here the input itself), as the critic is called."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, y, return_features=False):
+        v = self.net(z, t, y)
+        return (v, z) if return_features else v
+
+
+def test_dmd2_critic_loss_of_the_exact_score_is_the_posterior_variance_of_v():
+    # Data x ~ N(mu, s^2) per pixel; the Bayes-optimal v-predictor has E[(v̂ - v)^2 | z_t] = Var(v | z_t)
+    # = Var(x_0 | z_t) / sigma_t^2 = s^2 / (alpha_t^2 s^2 + sigma_t^2) (v = (alpha_t z_t - x_0) / sigma_t).
+    # So the critic's denoising loss on exact samples, with the exact score as critic, is that per example.
+    mu, s = 0.3 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)), 0.5
+    critic = _WithFeatures(GaussianDenoiser(mu, s))
+    x = mu + s * torch.randn(512, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(512, dtype=torch.long)
+    torch.manual_seed(2)
+    loss, features = ddil_dmd2.critic_loss(critic, x, y)
+    torch.manual_seed(2)
+    alpha, sigma = alpha_sigma(torch.rand(512))                  # the t the loss drew
+    expect = s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2)
+    ratio = loss / expect                                         # each a mean of 3072 squared N(0, 1): sd 2.6 %
+    assert (ratio - 1).abs().max() < 0.15 and abs(float(ratio.mean()) - 1) < 0.01
+    assert features.shape == x.shape
+
+
+def test_dmd2_gan_losses_are_binary_cross_entropy_and_the_generator_leaves_the_critic_frozen():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    unet = runs.build_unet(dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(), dropout=0.0), "cpu")
+    for p in unet.parameters():                                   # off the zero initialisation
+        p.data.add_(0.05 * torch.randn_like(p))
+    head = ddil_dmd2.gan_head(unet.mid_channels)
+    x_real, x_fake = torch.rand(6, 3, 32, 32) * 2 - 1, (torch.rand(6, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    y = torch.arange(6) % 10
+    _, features = unet(x_fake, torch.rand(6), y, return_features=True)
+    torch.manual_seed(1)
+    ours = ddil_dmd2.gan_critic_loss(unet, head, x_real, y, features)
+    torch.manual_seed(1)
+    logit_real = ddil_dmd2.realism_logit(unet, head, x_real, y)  # the same noised real batch
+    bce = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+           + F.binary_cross_entropy_with_logits(head(features), torch.zeros_like(logit_real)))
+    torch.testing.assert_close(ours, bce)
+    torch.manual_seed(3)
+    gen = ddil_dmd2.gan_generator_loss(unet, head, unet, x_fake, y)
+    torch.manual_seed(3)
+    logit = ddil_dmd2.realism_logit(unet, head, x_fake, y)
+    torch.testing.assert_close(gen, F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
+    gen.backward()
+    assert x_fake.grad is not None and x_fake.grad.abs().sum() > 0            # G's gradient reaches x ...
+    assert all(p.grad is None for p in list(unet.parameters()) + list(head.parameters()))   # ... not D
+    assert all(p.requires_grad for p in list(unet.parameters()) + list(head.parameters()))  # D trains after
+
+
+def test_covariate_shift_diagnostic_is_zero_for_the_teachers_own_end_and_an_offset_squared(monkeypatch):
+    # The diagnostic compares a student's x̂_0 with the end of the teacher's trajectory from the same state,
+    # on forward-diffused data (gap_fwd) and on the student's own rollout (gap_own). A student whose x̂_0 IS
+    # that end has both gaps exactly 0 at every step; one that adds a constant c has both exactly c^2.
+    g = torch.Generator().manual_seed(5)
+    mu, s, ref_steps = 0.3 * torch.randn(10, 3, 32, 32, generator=g), 0.4, 16
+    teacher = GaussianTeacher(mu, s)
+    cfg = dict(dataset="synthetic", data_dir=None, teacher_path="exact-gauss", guidance=1.0)
+    monkeypatch.setattr(scoring.runs, "load_checkpoint", lambda path, device=None: dict(config=cfg))
+    monkeypatch.setattr(scoring.runs, "load_teacher", lambda path, device: (teacher, None))
+    teacher_fn = lambda z, t, y: common.denoise(teacher, z, t, y)
+    end = lambda z, t, y: common.sample(teacher_fn, z, y, common.fine_grid(t, 0.0, ref_steps))
+    times = [1.0, 0.75, 0.5, 0.25, 0.0]
+    for c in (0.0, 0.2):
+        student = lambda ckpt, device, c=c: ((lambda z, t, y: end(z, t, y) + c), times, False)
+        gap_fwd, gap_own = scoring.covariate_shift("unused", student, n=40, ref_steps=ref_steps)
+        assert len(gap_fwd) == len(gap_own) == 4
+        np.testing.assert_allclose(gap_fwd, c ** 2, rtol=1e-6, atol=1e-9)       # float32 arithmetic
+        np.testing.assert_allclose(gap_own, c ** 2, rtol=1e-6, atol=1e-9)
+
+
+def test_unet_pieces_against_their_formulas():
+    from unet import Attention, ResBlock, UNet, timestep_embedding
+    t = torch.tensor([0.0, 0.25, 1.0])
+    emb = timestep_embedding(t, 8).double().numpy()
+    freqs = 10000.0 ** (-np.arange(4) / 4)
+    ref = np.concatenate([np.cos(1000 * t.numpy()[:, None] * freqs), np.sin(1000 * t.numpy()[:, None] * freqs)], 1)
+    np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-4)
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, 16, 0.0)
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(block(x, torch.randn(2, 16)), x)          # zero-initialised conv2: a block starts as identity
+    attn = Attention(128)                                          # two heads of 64
+    nn.init.normal_(attn.proj.weight), nn.init.normal_(attn.proj.bias)
+    x = torch.randn(2, 128, 4, 4)
+    tok = attn.norm(x).flatten(2).transpose(1, 2)                  # written out: softmax(q k^T / sqrt(d)) v per head
+    q, k, v = attn.qkv(tok).chunk(3, dim=-1)
+    heads = [torch.softmax(q[..., h * 64:(h + 1) * 64] @ k[..., h * 64:(h + 1) * 64].transpose(1, 2) / 8, -1)
+             @ v[..., h * 64:(h + 1) * 64] for h in range(2)]
+    ref = x + attn.proj(torch.cat(heads, -1)).transpose(1, 2).reshape(2, 128, 4, 4)
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    net = UNet(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)
+    z, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 10])
+    v, features = net(z, torch.rand(3), y, return_features=True)
+    assert torch.equal(v, torch.zeros_like(z)) and features.shape == (3, 32, 16, 16)   # zero-initialised output
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    v1, v2 = net(z, torch.full((3,), 0.3), y), net(z, torch.full((3,), 0.3), torch.tensor([2, 1, 10]))
+    assert (v1[0] - v2[0]).abs().max() > 0 and torch.equal(v1[1:], v2[1:])   # the label conditions only its example

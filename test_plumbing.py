@@ -6,6 +6,7 @@ submitit, a real SLURM when one is up). Subprocess tests are marked `slow`.
 """
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -456,6 +457,11 @@ def test_pd_smoke_runs_leave_run_files(teacher_ckpt, pd_ddil_run, tmp_path):
     assert r.returncode == 0, r.stderr
     _check_pd_run_files(str(tmp_path), 6, ddil=False)
     _check_pd_run_files(pd_ddil_run, 6, ddil=True)
+    # Training moved the student off its teacher, and the two runs (baseline, DDIL) trained different students.
+    teacher, base, ddil = (runs.load_checkpoint(p)["nets"]["ema"] for p in
+                           (teacher_ckpt, str(tmp_path / "ckpt.pt"), os.path.join(pd_ddil_run, "ckpt.pt")))
+    assert any(not torch.equal(base[k], teacher[k]) for k in teacher)
+    assert any(not torch.equal(base[k], ddil[k]) for k in teacher)
 
 
 @pytest.mark.slow
@@ -560,13 +566,21 @@ DMD2_SMALL = ["ddil_dmd2.py", "--preset", "smoke", "--iters", "4", "--batch-size
 
 
 @pytest.mark.slow
-def test_dmd2_beta_fwd_threshold_teacher_run(teacher_ckpt, tmp_path):
-    out = tmp_path / "d"
-    r = run([*DMD2_SMALL, "--teacher", teacher_ckpt, "--beta-fwd", "--threshold-teacher", "--out", str(out)])
-    assert r.returncode == 0, r.stderr
-    for f in ("config.json", "log.jsonl", "ckpt.pt", "samples.png"):
-        assert (out / f).exists(), f
-    assert "critic_loss" in r.stdout and "frac_fwd 1" in r.stdout
+def test_dmd2_beta_fwd_threshold_teacher_run_clips_the_teacher_and_nothing_else(teacher_ckpt, tmp_path):
+    # The same seed with and without --threshold-teacher: the first step's critic update (which never calls
+    # the teacher) is identical; the generator's DM loss differs exactly because the teacher's x̂_0 overshot.
+    logs = {}
+    for name, extra in (("clip", ["--threshold-teacher"]), ("raw", [])):
+        out = tmp_path / name
+        r = run([*DMD2_SMALL, "--teacher", teacher_ckpt, "--beta-fwd", *extra, "--iters", "1", "--log-every", "1",
+                 "--out", str(out)])
+        assert r.returncode == 0, r.stderr
+        for f in ("config.json", "log.jsonl", "ckpt.pt", "samples.png"):
+            assert (out / f).exists(), f
+        logs[name] = read_log(out)[0]
+    clip, raw = logs["clip"], logs["raw"]
+    assert clip["frac_fwd"] == 1 and clip["clip_pct"] == raw["clip_pct"] > 0       # the same raw estimates overshoot
+    assert clip["critic_loss"] == raw["critic_loss"] and clip["loss"] != raw["loss"]
 
 
 @pytest.mark.slow
@@ -732,7 +746,7 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
                            "all": STUDIED["threshold"]})
         assert where == expect, m
         paper = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("paper", m)}
-        assert paper["baseline"]["priors"] == [float(s == ablate.BASELINE_SOURCE[m]) for s in common.SOURCES]
+        assert paper["baseline"]["priors"] == [float(s == importlib.import_module(f"ddil_{m}").BASELINE_SOURCE) for s in common.SOURCES]
         assert paper["baseline"]["sample_clip"] == (m == "pd")          # each method's official default
         assert paper["reflected-ddil"]["threshold_teacher"] and paper["reflected-ddil"]["threshold_student"]
     assert ablate.reference("priors", "dmd2") == "student100" and ablate.reference("priors", "pd") == "fwd100"
