@@ -54,17 +54,19 @@ import torch
 
 import cli
 import common
+import gmm
 import runs
 import scoring
 
 METHODS = ("pd", "lcm", "dmd2")
 STUDIES = ("priors", "threshold", "paper")
-PRESETS = ("smoke", "cifar10", "gmm")
+PRESETS = ("smoke", "cifar10", "gmm", "gmm2")
 # Metric prefixes in table order; eval.py names keys <prefix><samples>_<reference>[_k<k>], e.g. fid10k_train.
 METRICS = ("fid", "class_score", "class_acc", "lpips_div", "precision", "recall", "density", "coverage",
-           "nll", "class_post", "mode_tv", "fd_px", "teacher_mse", "teacher_lpips")
-DELTA_METRICS = ("fid", "class_score", "lpips_div", "nll", "class_post", "mode_tv", "fd_px", "teacher_mse",
-                 "teacher_lpips")
+           "nll", "class_post", "mode_tv", "fd_px", "fd_px_mean", "fd_px_struct", "fd_px_iso", "teacher_mse",
+           "unpaired_mse", "teacher_lpips")
+DELTA_METRICS = ("fid", "class_score", "lpips_div", "nll", "class_post", "mode_tv", "fd_px", "fd_px_struct",
+                 "teacher_mse", "teacher_lpips")
 RECORD_FILES = ("config.json", "metrics.json", "log.jsonl")          # + ablate.json, shift*.json
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -126,24 +128,34 @@ def script_args(method, flags, preset, seed, extra):
     return [f"ddil_{method}.py", "--preset", preset, "--seed", str(seed), *flags, *extra]
 
 
+# Settings added after runs were recorded, at the value that reproduces what those runs did: left out of the
+# identity at that value, so that the earlier runs keep their names and records.
+ADDED_LATER = {"init": "auto"}
+
+
 def resolved_config(method, flags, preset, seed, extra):
     """The settings a run of the grid trains with: its own script's parse_args (what --dry-run prints),
-    minus NOT_RESULT."""
+    minus NOT_RESULT and the ADDED_LATER settings at their old behaviour."""
     module = importlib.import_module(f"ddil_{method}")
     args = module.parse_args(script_args(method, flags, preset, seed, extra)[1:])
-    return {k: v for k, v in vars(args).items() if k not in NOT_RESULT}
+    return {k: v for k, v in vars(args).items()
+            if k not in NOT_RESULT and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def teacher_identity(config):
     """What the teacher of a resolved config is: its checkpoint path and the settings it recorded (its
-    resolved config and step), stable across machines, unlike the bytes of the file. None while the
-    --teacher auto checkpoint does not exist or has not finished."""
-    path, finished = runs.teacher_checkpoint(argparse.Namespace(**config))
+    resolved config and step), stable across machines, unlike the bytes of the file. With --teacher exact:
+    the mixture's definition, and the identity of the UNet the student starts from under "init". None while
+    the UNet checkpoint does not exist or has not finished."""
+    path, finished = runs.teacher_checkpoint(argparse.Namespace(**{"init": "auto", **config}))
     if not finished:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     cfg = {k: v for k, v in ckpt["config"].items() if k not in NOT_RESULT | {"versions"}}
-    return {"path": path, "step": ckpt["step"], "config": cfg}
+    unet = {"path": path, "step": ckpt["step"], "config": cfg}
+    if config["teacher"] == "exact":
+        return {"path": "exact", "mixture": {"name": config["dataset"], **gmm.MIXTURES[config["dataset"]]}, "init": unet}
+    return unet
 
 
 def _without_teacher(settings):
@@ -895,7 +907,7 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shift_samples is None:
-        args.shift_samples = {"smoke": 32, "gmm": 200}.get(args.preset, 1000)
+        args.shift_samples = {"smoke": 32, "gmm": 200, "gmm2": 200}.get(args.preset, 1000)
     if args.gpus:
         args.jobs = len(args.gpus)
     args.slurm = dict(args.slurm)

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+import gmm
 import runs
 from common import Busy, DDILSampler, SOURCES, Stopped, UserError
 
@@ -123,19 +124,26 @@ def preset_help(p, presets):
 def add_common_args(p, student=True):
     """Flags every script shares (DESIGN §7). Defaults of None come from the --preset."""
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=["auto", "smoke", "cifar10", "gmm"], default="auto",
+    g.add_argument("--preset", choices=["auto", "smoke", "cifar10", "gmm", "gmm2"], default="auto",
                    help="smoke: tiny UNet on the synthetic set, minutes on a CPU; cifar10: the single-GPU "
-                        "configuration; gmm: the exact benchmark (--dataset gmm, gmm.py) sized for 2 CPU cores; "
+                        "configuration; gmm, gmm2: the exact benchmarks (--dataset gmm / gmm2, gmm.py) sized for 2 "
+                        "CPU cores; "
                         "auto: cifar10 when CUDA is present, else smoke")
-    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm"], default=None,
-                   help="training data: cifar10, synthetic (procedural shapes), gmm (the exact benchmark's Gaussian "
-                        "mixture, gmm.py) (preset); ignored when --data-dir is given")
+    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm", "gmm2"], default=None,
+                   help="training data: cifar10, synthetic (procedural shapes), gmm / gmm2 (the exact benchmarks' "
+                        "Gaussian mixtures, gmm.py) (preset); ignored when --data-dir is given")
     g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
                    help="image-folder dataset train/<class>/* as a directory or .zip (e.g. "
                         "../shared/data/cifar10-jpeg-train.zip); env DDIL_DATA_DIR")
     if student:
         g.add_argument("--teacher", default="auto",
-                       help="teacher checkpoint PATH, or auto: reuse (or train with teacher.py) runs/teacher-<preset>-s0")
+                       help="teacher checkpoint PATH; exact: the closed-form denoiser of a mixture data set (gmm.py), "
+                            "no teacher error; auto: exact on mixture data sets, else reuse (or train with teacher.py) "
+                            "runs/teacher-<preset>-s0")
+        g.add_argument("--init", default="auto",
+                       help="the UNet checkpoint the student (and DMD2's critic) starts from: auto = the teacher's "
+                            "weights, or with --teacher exact the UNet teacher run runs/teacher-<preset>-s0 (trained "
+                            "by teacher.py when missing); or a teacher checkpoint PATH")
     g.add_argument("--guidance", type=nonnegative, default=None,
                    help="classifier-free guidance scale w of the teacher: 1 = none (the conditional model), 0 = the "
                         "unconditional model, between them weaker and above 1 stronger conditioning; w < 0 is refused "
@@ -269,6 +277,13 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
         raise UserError(f"--guidance {args.guidance}: w must be >= 0 (1 = no guidance, 0 = unconditional)")
     if args.data_dir:
         args.dataset = "folder"
+    if hasattr(args, "teacher"):
+        mixture = args.dataset in gmm.MIXTURES
+        if args.teacher == "auto" and mixture:
+            args.teacher = "exact"          # the closed form: the students distil p(x | y) itself
+        if args.teacher == "exact" and not mixture:
+            raise UserError(f"--teacher exact: only a mixture data set ({', '.join(gmm.MIXTURES)}) has a closed-form "
+                            f"teacher, not --dataset {args.dataset}")
     if hasattr(args, "ddil"):
         _resolve_ddil(args, default_source, sample_clip)
     if args.out is None:
@@ -278,7 +293,7 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
 
 # Preset values of the DDIL flags that every method shares (each script holds its other preset values).
 DDIL_PRESETS = {"smoke": dict(rollout_chunk=4, max_age=20), "cifar10": dict(rollout_chunk=256, max_age=100),
-                "gmm": dict(rollout_chunk=16, max_age=20)}
+                "gmm": dict(rollout_chunk=16, max_age=20), "gmm2": dict(rollout_chunk=16, max_age=20)}
 
 
 def _resolve_ddil(args, default_source, sample_clip):

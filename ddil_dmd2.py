@@ -75,6 +75,8 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", iters=6000, batch_size=128, lr=2e-5, lr_critic=2e-5, ema=0.999,
                     guidance=1.5, log_every=100, save_every=1000, eval_every=0, eval_samples=10_000),
 }
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 
 def parse_args(argv=None):
@@ -236,16 +238,16 @@ def evaluate(run_dir, n_samples=None, device=None, **options):
 
 def train(args):
     runs.announce(args, METHOD)
-    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
+    ensure_teacher(args)                            # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
     runs.seed_everything(args.seed)
     data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    teacher, init_ckpt = runs.load_networks(args, device)          # the student starts from init_ckpt
     ckpt_path = runs.prepare_run(args, METHOD)
-    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    unet_config = {**init_ckpt["unet"], "dropout": 0.0}
     student, ema, critic = (runs.build_unet(unet_config, device) for _ in range(3))
     for net in (student, ema, critic):          # G, its EMA and μ_fake all start as the teacher
-        net.load_state_dict(teacher_ckpt["nets"]["ema"])
+        net.load_state_dict(init_ckpt["nets"]["ema"])
     ema.requires_grad_(False)
     head = gan_head(critic.mid_channels).to(device) if args.gan_weight > 0 else None
     critic_params = list(critic.parameters()) + (list(head.parameters()) if head else [])
@@ -311,7 +313,8 @@ def train(args):
         generator's GAN loss through the frozen critic. Returns the loss, the per-example DM loss and the
         clipped gradient norm; the caller steps the optimiser once the NaN guard passed."""
         with runs.autocast(args):
-            x = straight_through(common.denoise(G, x_t, t, y, 1.0), clip_student)   # [B, 3, 32, 32]
+            x_raw = common.denoise(G, x_t, t, y, 1.0)                              # G's output [B, 3, 32, 32]
+            x = straight_through(x_raw, clip_student)
             loss_dm, extra = distribution_matching_loss(x, y, mu_real, mu_fake, args.guidance, args.min_t,
                                                         args.max_t, clip_teacher, clip_critic)
             loss = loss_dm.mean()
@@ -325,7 +328,8 @@ def train(args):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
         # ∂(mean DM loss)/∂x = grad / (B C H W) (see distribution_matching_loss): its norm, no extra backward
-        log.add(grad_norm=gnorm, loss=loss, clip_pct=100 * extra["clip"], dm_grad_norm=extra["grad"].norm() / x.numel())
+        log.add(grad_norm=gnorm, loss=loss, clip_pct=100 * extra["clip"], dm_grad_norm=extra["grad"].norm() / x.numel(),
+                clip_student_pct=100 * common.out_of_range(x_raw))
         return loss, loss_dm, gnorm
 
     with runs.GracefulStop() as stop:

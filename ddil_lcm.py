@@ -59,6 +59,8 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", iters=20_000, batch_size=128, lr=2e-4, ema=0.999, warmup=500, guidance=1.5,
                     log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 
 def parse_args(argv=None):
@@ -163,7 +165,8 @@ def lcm_loss(f_theta, f_target, teacher, z, n_k, y, *, N, k, guidance, clip_teac
         target_raw = f_target(z_n, t_n, y)                  # f_θ⁻(ẑ_{t_n}, t_n); = ẑ_{t_0} at t_n = 0
         target = common.threshold(target_raw, *clip_target)                 # student clip on the target
     pred = f_theta(z, t_nk, y)                                               # f_θ(z_{t_{n+k}}, t_{n+k})
-    clips = dict(clip=common.out_of_range(x0_teacher), clip_target=common.out_of_range(target_raw))
+    clips = dict(clip=common.out_of_range(x0_teacher), clip_target=common.out_of_range(target_raw),
+                 clip_student=common.out_of_range(pred))
     return distance(pred, target, loss, huber_c), clips
 
 
@@ -233,18 +236,18 @@ def evaluate(run_dir, n_samples=None, device=None, **options):
 
 def train(args):
     runs.announce(args, METHOD)
-    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
+    ensure_teacher(args)                            # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
     runs.seed_everything(args.seed)
     data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    teacher, init_ckpt = runs.load_networks(args, device)          # the student starts from init_ckpt
     ckpt_path = runs.prepare_run(args, METHOD)
-    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    unet_config = {**init_ckpt["unet"], "dropout": 0.0}
     # student θ (online), target θ⁻ (LCM's EMA, part of the loss), ema (evaluation weights): all start
     # as the teacher's EMA weights.
     nets = {name: runs.build_unet(unet_config, device) for name in ("student", "target", "ema")}
     for net in nets.values():
-        net.load_state_dict(teacher_ckpt["nets"]["ema"])
+        net.load_state_dict(init_ckpt["nets"]["ema"])
     student, target, ema = nets["student"], nets["target"].requires_grad_(False), nets["ema"].requires_grad_(False)
     opt = runs.optimizer(student.parameters(), args.lr, device)
     sampler = cli.make_sampler(args, data)
@@ -287,6 +290,7 @@ def train(args):
             common.ema_update(ema, student, args.ema, step)
             per_source.add(loss, source)
             log.add(loss=loss.detach().mean(), clip_pct=100 * clips["clip"], clip_target_pct=100 * clips["clip_target"],
+                    clip_student_pct=100 * clips["clip_student"],
                     grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:

@@ -66,6 +66,8 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", start_steps=64, iters=40_000, batch_size=128, lr=5e-5, warmup=0,
                     ema=0.999, guidance=1.5, log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 
 def parse_args(argv=None):
@@ -146,7 +148,8 @@ def pd_target(teacher_fn, z_t, t, y, n, clip=(None, 0.995)):
 
 
 def pd_loss(student, teacher_fn, z_t, t, y, n, clip_teacher, clip_student):
-    """Per-example max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖² (mean over pixels) [B], and the raw teacher x̂_0.
+    """Per-example max(SNR_t, 1) ‖x̂_θ(z_t) - x̃‖² (mean over pixels) [B], and the shares of the raw
+    teacher's and the student's x̂_0 pixels outside [-1, 1] (clip, clip_student: device scalars).
     The student's x̂_0 is not thresholded here (a clamp would zero its gradient); --threshold-student
     clips the target x̃ instead (and, through --sample-clip, the student's x̂_0 in rollouts and samples)."""
     with torch.no_grad():
@@ -155,7 +158,8 @@ def pd_loss(student, teacher_fn, z_t, t, y, n, clip_teacher, clip_student):
     alpha_t, sigma_t = (a.to(z_t.device) for a in alpha_sigma(t))
     weight = (alpha_t ** 2 / sigma_t ** 2).clamp(min=1.0)               # max(SNR_t, 1), [B]
     x0_student = common.denoise(student, z_t, t, y)                      # x̂_θ(z_t), w = 1: CFG is baked in
-    return weight * (x0_student - x_tilde).square().mean(dim=(1, 2, 3)), x0_teacher
+    clips = dict(clip=common.out_of_range(x0_teacher), clip_student=common.out_of_range(x0_student))
+    return weight * (x0_student - x_tilde).square().mean(dim=(1, 2, 3)), clips
 
 
 # --- Sampling (samples.png and eval.py) ---
@@ -189,15 +193,15 @@ def evaluate(run_dir, n_samples=None, device=None, **options):
 
 def train(args):
     runs.announce(args, METHOD)
-    teacher_path = ensure_teacher(args)             # first: --teacher auto may train it (and reseed)
+    ensure_teacher(args)                            # first: --teacher auto may train it (and reseed)
     device = torch.device(args.device)
     runs.seed_everything(args.seed)
     data = runs.Dataset(*runs.load_images(args.dataset, args.data_dir), device)
-    teacher, teacher_ckpt = runs.load_teacher(teacher_path, device)
+    teacher, init_ckpt = runs.load_networks(args, device)          # the student starts from init_ckpt
     ckpt_path = runs.prepare_run(args, METHOD)
-    unet_config = {**teacher_ckpt["unet"], "dropout": 0.0}
+    unet_config = {**init_ckpt["unet"], "dropout": 0.0}
     student = runs.build_unet(unet_config, device)
-    student.load_state_dict(teacher_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
+    student.load_state_dict(init_ckpt["nets"]["ema"])                 # θ ← η (Alg. 2, round 1)
     ema = copy.deepcopy(student).requires_grad_(False)
     opt = runs.optimizer(student.parameters(), args.lr, device)
     sampler = cli.make_sampler(args, data)
@@ -271,7 +275,7 @@ def train(args):
             if device.type == "cuda":
                 z_t = z_t.contiguous(memory_format=torch.channels_last)
             with runs.autocast(args):
-                losses, x0_teacher = pd_loss(model, round_fn, z_t, b["t"], b["y"], n, clip_teacher, clip_student)
+                losses, clips = pd_loss(model, round_fn, z_t, b["t"], b["y"], n, clip_teacher, clip_student)
                 loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,7 +284,7 @@ def train(args):
             opt.step()
             common.ema_update(ema, student, args.ema, k)                  # EMA warm-up restarts each round
             per_source.add(losses, b["source"])
-            log.add(loss=loss, clip_pct=100 * common.out_of_range(x0_teacher), grad_norm=gnorm)
+            log.add(loss=loss, clip_pct=100 * clips["clip"], clip_student_pct=100 * clips["clip_student"], grad_norm=gnorm)
             step += 1
             if step % args.log_every == 0 or step == args.iters:
                 log.write(step, **per_source.summary("loss"), **sampler.log_stats(), round=rnd + 1, n=n,

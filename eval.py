@@ -28,9 +28,10 @@ import torch
 
 import cli
 import common
+import gmm
 import runs
-from metrics import inception_features
-from scoring import evaluate_generator, evaluate_images
+from metrics import inception_features, metric_name
+from scoring import DEFAULT_SAMPLES, evaluate_generator, evaluate_images, merge_metrics
 
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
 
@@ -117,7 +118,8 @@ def parse_args(argv=None):
                              "class-balanced halves.")
     p.add_argument("run_dir", nargs="?", help="run directory (config.json + ckpt.pt): writes its metrics.json")
     g = p.add_argument_group("what to evaluate (one of: RUN_DIR, --teacher, --images, --time-features)")
-    g.add_argument("--teacher", metavar="PATH", help="a teacher checkpoint: evaluate its DDIM sampler (--steps)")
+    g.add_argument("--teacher", metavar="PATH", help="a teacher checkpoint: evaluate its DDIM sampler (--steps); "
+                   "exact: the closed-form teacher of --dataset gmm / gmm2 (gmm.py)")
     g.add_argument("--steps", type=cli.positive_int, default=32, help="DDIM steps of --teacher")
     g.add_argument("--guidance", type=cli.nonnegative, default=None, help="CFG scale w of --teacher; None: its training value")
     g.add_argument("--images", metavar="PATH", help="a folder or .zip of images (sorted by path): FID and PRDC only")
@@ -127,7 +129,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("reference")
     g.add_argument("--ref-images", metavar="PATH", help="for --images: a folder or .zip as the reference (named ref<R>)")
     g.add_argument("--ref-slice", type=_slice, default=":", metavar="A:B[:S]", help="which of the sorted --ref-images")
-    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm"], default="cifar10",
+    g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm", "gmm2"], default="cifar10",
                    help="for --images without --ref-images: the training set used as reference")
     g.add_argument("--data-dir", default=os.environ.get("DDIL_DATA_DIR"),
                    help="for --images: image-folder training set (dir or .zip of train/<class>/*); env DDIL_DATA_DIR")
@@ -180,6 +182,8 @@ def main(argv=None):
             raise common.UserError(f"{args.run_dir} is being trained by another process; evaluate it once that "
                                    "process has finished (its metrics.json is written by the run itself)")
         return evaluate_run(args.run_dir, args.samples, args.device, ref_steps=args.ref_steps, **opts)
+    if args.teacher == "exact":
+        return evaluate_exact_teacher(args, opts)
     if args.teacher:
         import teacher
         if not os.path.isfile(args.teacher):
@@ -194,6 +198,35 @@ def main(argv=None):
     train = None if ref_images is not None else runs.load_images(args.dataset, args.data_dir)
     return evaluate_images(images, ref_images, train=train, ref_limit=args.ref_limit, device=args.device, out=args.out,
                            label=args.images)
+
+
+def evaluate_exact_teacher(args, opts):
+    """The exact teacher's DDIM sampler with --steps uniform steps on a mixture data set: the reference rows of
+    that benchmark's tables. Writes runs/teacher-exact-<dataset>/metrics-ddim<K>.json (or --out)."""
+    if args.dataset not in gmm.MIXTURES:
+        raise common.UserError(f"--teacher exact needs a mixture data set: --dataset {' or '.join(gmm.MIXTURES)}")
+    w = 1.0 if args.guidance is None else args.guidance
+    exact = gmm.ExactTeacher(args.dataset)
+    times = torch.linspace(1, 0, args.steps + 1).tolist()
+    outside = [0.0] * args.steps                     # per step: pixels of x̂_0 outside [-1, 1], summed over samples
+
+    def x0_fn(z, t, y):
+        x0 = common.denoise(exact, z, t, y, w)
+        outside[times.index(t)] += float(common.out_of_range(x0)) * len(z)
+        return x0
+    generate = lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
+    ckpt = dict(config=dict(dataset=args.dataset, preset=args.dataset, guidance=w, teacher_path="exact"))
+    sampler = f"ddim{args.steps}" + ("" if args.guidance is None else f"-w{w:g}")
+    out = args.out or os.path.join("runs", f"teacher-exact-{args.dataset}", f"metrics-{sampler}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    metrics = evaluate_generator(generate, ckpt, out, sampler, args.samples, args.device,
+                                 label=f"exact teacher of {args.dataset}, {sampler}", **opts)
+    n = args.samples or DEFAULT_SAMPLES[args.dataset]         # what evaluate_generator drew
+    oor = {metric_name("x0_oor", n): [v / n for v in outside]}
+    merge_metrics(out, oor, dict(n=n))
+    print(f"{metric_name('x0_oor', n)} (x̂_0 pixels outside [-1, 1] per step): "
+          + " ".join(f"{v:.4f}" for v in oor[metric_name('x0_oor', n)]))
+    return {**metrics, **oor}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ count N):
     mode_tv{N}_exact     per class, the total-variation distance between the samples' mean component
                          responsibilities p(m | x, y) and the weights pi_{y,m}, averaged over classes: the
                          recall / mode-dropping side (exact samples: sampling noise only, ~0.03 at N = 1000)
-    fd_px{N}_exact       per class, the Frechet distance |m - m_y|^2 + Tr(S + Sigma_y - 2 (S Sigma_y)^1/2)
+    fd_px{N}_exact       (and its three terms fd_px_mean, fd_px_struct, fd_px_iso, which sum to it)
+                         per class, the Frechet distance |m - m_y|^2 + Tr(S + Sigma_y - 2 (S Sigma_y)^1/2)
                          between the samples' mean and covariance S and the exact class mean and covariance,
                          averaged over classes: the FID analogue in pixel space, no Inception. S is estimated
                          in the structure Sigma_y has (`GMM.frechet`): with N/10 << D samples a full sample
@@ -75,20 +76,50 @@ def _smooth_fields(rng, n, side=32, max_freq=3):
     return fields / np.abs(fields).reshape(n, -1).max(1)[:, None, None, None]
 
 
+def _windows(rng, n, side, width):
+    """n Gaussian bumps [n, 1, side, side] at random centres, std `width` pixels, max 1: the spatial window that
+    gives each component of the second mixture its own subspace."""
+    c = rng.uniform(0, side, size=(n, 2))
+    g = np.arange(side) + 0.5
+    return np.exp(-((g[None, :, None] - c[:, 0, None, None]) ** 2 + (g[None, None, :] - c[:, 1, None, None]) ** 2)
+                  / (2 * width ** 2))[:, None]
+
+
+def _blob(rng, side, share):
+    """A mask [side, side] of about `share` of the pixels: where a smooth random field is highest."""
+    field = _smooth_fields(rng, 1, side, 2)[0, 0]
+    return field >= np.quantile(field, 1 - share)
+
+
 class GMM:
-    """The mixture's parameters (float64, on `device`) and its closed forms (module docstring)."""
+    """The mixture's parameters (float64, on `device`) and its closed forms (module docstring).
+
+    Construction (keyword arguments; `MIXTURES` names the two benchmarks): `classes` x `components` with
+    weights `weights` (default 0.5, 0.3, 0.2), rank `rank` with eigenvalues decaying by `decay`, isotropic s.
+    Means: mean_scale (colour_share class colour + (1 - colour_share) pattern); smaller colour_share puts
+    classes closer together. Directions: smooth fields of spatial frequency <= max_freq, times a Gaussian
+    window of std `window` pixels per component (0: none, so all components share one span). Saturation:
+    components with index in `saturate` get, on a blob of `blob` of the pixels (all channels), the mean
+    +-`sat_level` (sign alternating with the class), so their samples pile up at and beyond +-1 there."""
 
     def __init__(self, seed=0, classes=10, components=3, rank=6, s=0.08, mean_scale=0.3, std_scale=0.09,
-                 side=32, device="cpu"):
+                 side=32, device="cpu", weights=(0.5, 0.3, 0.2), decay=0.7, colour_share=0.6, max_freq=3,
+                 window=0.0, saturate=(), blob=0.1, sat_level=1.0):
         rng = np.random.default_rng(seed)
         C, M, r, D = classes, components, rank, 3 * side * side       # side < 32: tiny mixtures for tests
         hue = 2 * np.pi * np.arange(C) / C
         colour = np.stack([np.cos(hue + 2 * np.pi * c / 3) for c in range(3)], 1)        # [C, 3] in [-1, 1]
-        pattern = _smooth_fields(rng, C * M, side).reshape(C, M, 3, side, side)
-        mu = mean_scale * (0.6 * colour[:, None, :, None, None] + 0.4 * pattern)          # [C, M, 3, side, side]
-        U = np.linalg.qr(_smooth_fields(rng, C * M * r, side).reshape(C * M, r, D).transpose(0, 2, 1))[0]  # [CM, D, r]
-        lam = (std_scale ** 2 * D) * 0.7 ** np.arange(r) / (0.7 ** np.arange(r)).sum()    # per-pixel std ~ std_scale
-        weights = np.array([0.5, 0.3, 0.2][:M]) / np.array([0.5, 0.3, 0.2][:M]).sum()
+        pattern = _smooth_fields(rng, C * M, side, max_freq).reshape(C, M, 3, side, side)
+        mu = mean_scale * (colour_share * colour[:, None, :, None, None] + (1 - colour_share) * pattern)
+        fields = _smooth_fields(rng, C * M * r, side, max_freq).reshape(C * M, r, 3, side, side)
+        if window:
+            fields = fields * _windows(rng, C * M, side, window)[:, None]
+        U = np.linalg.qr(fields.reshape(C * M, r, D).transpose(0, 2, 1))[0]              # [CM, D, r]
+        for c in range(C):
+            for m in saturate:
+                mu[c, m][:, _blob(rng, side, blob)] = sat_level * (1 if c % 2 == 0 else -1)
+        lam = (std_scale ** 2 * D) * decay ** np.arange(r) / (decay ** np.arange(r)).sum()  # per-pixel std ~ std_scale
+        weights = np.array(weights[:M]) / np.sum(weights[:M])
         t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
         self.C, self.M, self.r, self.s2, self.D, self.shape = C, M, r, s * s, D, (3, side, side)
         self.mu = t(mu.reshape(C * M, D))                                                  # [K, D], K = C M
@@ -196,6 +227,10 @@ class GMM:
         return mean, torch.cat([low.permute(1, 0, 2).reshape(self.D, -1), spread], 1)
 
     def frechet(self, x, y):
+        """The Frechet distance of `frechet_terms`, their sum."""
+        return sum(self.frechet_terms(x, y).values())
+
+    def frechet_terms(self, x, y):
         """Frechet distance between the samples x of class y and the exact class statistics (m_y, Sigma_y):
         |m - m_y|^2 + Tr(S + Sigma_y - 2 (S^1/2 Sigma_y S^1/2)^1/2), with the samples' covariance S estimated
         in the structure Sigma_y itself has: in full inside the class's structured subspace Q (its components'
@@ -206,7 +241,9 @@ class GMM:
 
         (With N/10 samples per class, far fewer than D = 3072, the full sample covariance has rank < N/10:
         its Frechet distance is dominated by a bias of about 2 s^2 D (1 - sqrt(n / D)) that shrinks when the
-        samples lose their isotropic detail, so it would rank over-smoothed samples above exact ones.)"""
+        samples lose their isotropic detail, so it would rank over-smoothed samples above exact ones.)
+        Returns the three terms: dict(mean=|m - m_y|^2, struct=FD_q (the full sample covariance inside Q,
+        where N/10 samples suffice), iso=(D - q) (sqrt(v) - s)^2)."""
         x = x.reshape(len(x), self.D).to(self.device, torch.float64)
         mean, F = self.class_stats(y)
         Q = torch.linalg.svd(F, full_matrices=False)[0]
@@ -222,7 +259,8 @@ class GMM:
         root = (V * e.clamp(min=0).sqrt()) @ V.T                                             # S_Q^1/2
         cross = torch.linalg.eigvalsh(root @ sigma_Q @ root).clamp(min=0).sqrt().sum()
         fd_q = torch.trace(S_Q) + torch.trace(sigma_Q) - 2 * cross
-        return float((m - mean).square().sum() + fd_q + (self.D - q) * (v.sqrt() - math.sqrt(self.s2)) ** 2)
+        return dict(mean=float((m - mean).square().sum()), struct=float(fd_q),
+                    iso=float((self.D - q) * (v.sqrt() - math.sqrt(self.s2)) ** 2))
 
     def metrics(self, x, labels):
         """The exact metrics (module docstring) of samples x [N, 3, H, W] (float in [-1, 1]) conditioned on
@@ -238,32 +276,52 @@ class GMM:
         pi = self.log_pi.view(self.C, self.M).exp().cpu()
         classes = torch.unique(y).tolist()
         tv = [0.5 * float((resp[y == c].mean(0) - pi[c]).abs().sum()) for c in classes]
-        fd = [self.frechet(x[y == c], c) for c in classes if int((y == c).sum()) > 1]
+        fd = [self.frechet_terms(x[y == c], c) for c in classes if int((y == c).sum()) > 1]
+        terms = {f"fd_px_{k}": float(np.mean([f[k] for f in fd])) for k in ("mean", "struct", "iso")}
         return dict(nll=float(nll.mean()), class_post=float(post.mean()), mode_tv=float(np.mean(tv)),
-                    fd_px=float(np.mean(fd)))
+                    fd_px=float(np.mean([sum(f.values()) for f in fd])), **terms)
 
+
+# The benchmarks by data-set name (--dataset). Each is fixed here before any run on it; a change makes a new name.
+MIXTURES = {
+    # The first benchmark: 3 components per class, rank 6, every direction a smooth field of frequency <= 3
+    # (all components share one 48-dimensional span), samples inside [-1, 1] (thresholding never acts).
+    "gmm": dict(seed=0),
+    # The second: what DDIL targets can happen. 5 components per class, rank 10 and frequency <= 6, each
+    # component's directions in its own spatial window, classes closer together (colour_share 0.3), and
+    # saturation: the second component of every class (weight 0.25, a quarter of the images) has a blob of
+    # 10 % of its pixels at +-1, as over- and under-exposed regions of photographs, so that x̂_0 estimates
+    # overshoot the data range and thresholding has something to act on (`python gmm.py --mixture gmm2`
+    # prints the shares).
+    "gmm2": dict(seed=1, components=5, weights=(0.3, 0.25, 0.2, 0.15, 0.1), rank=10, decay=0.8, s=0.06,
+                 mean_scale=0.35, std_scale=0.12, colour_share=0.3, max_freq=6, window=8.0, saturate=(1,),
+                 blob=0.1, sat_level=1.0),
+}
 
 _CACHE = {}
 
 
-def mixture(seed=0, device="cpu"):
-    """The benchmark's mixture (made once per process and device)."""
-    key = (seed, str(device))
+def mixture(name="gmm", device="cpu"):
+    """The benchmark mixture `name` (MIXTURES), made once per process and device."""
+    if name not in MIXTURES:
+        raise ValueError(f"unknown mixture {name!r} (one of {', '.join(MIXTURES)})")
+    key = (name, str(device))
     if key not in _CACHE:
-        _CACHE[key] = GMM(seed, device=device)
+        _CACHE[key] = GMM(**MIXTURES[name], device=device)
     return _CACHE[key]
 
 
 build_mixture = mixture         # ExactTeacher's `mixture` argument shadows the function's name
 
 
-def dataset(n, split="train"):
-    """uint8 [n, 3, 32, 32] exact samples (quantised like images) and labels [n], balanced over the 10
-    classes; deterministic per split (train: generator seed 1, test: 2)."""
+def dataset(n, split="train", name="gmm"):
+    """uint8 [n, 3, 32, 32] exact samples of mixture `name`, quantised like images (values beyond +-1
+    saturate at 0 and 255, as a camera's do), and labels [n], balanced over the 10 classes; deterministic per
+    split (train: generator seed 1, test: 2)."""
     g = torch.Generator().manual_seed(1 if split == "train" else 2)
     y = torch.arange(n) % NUM_CLASSES
     y = y[torch.randperm(n, generator=g)]
-    x = torch.cat([mixture().sample(y[i:i + 512], g) for i in range(0, n, 512)])
+    x = torch.cat([mixture(name).sample(y[i:i + 512], g) for i in range(0, n, 512)])
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), y
 
 
@@ -282,9 +340,9 @@ class ExactTeacher(torch.nn.Module):
     network, v = (alpha_t z - x̂_0) / sigma_t: it goes wherever a teacher network goes (`common.denoise` inverts
     it exactly, classifier-free guidance included; label NULL_CLASS is the unconditional mixture)."""
 
-    def __init__(self, seed=0, mixture=None):
+    def __init__(self, name="gmm", mixture=None):
         super().__init__()
-        self.mixture = mixture if mixture is not None else build_mixture(seed)
+        self.mixture = mixture if mixture is not None else build_mixture(name)
 
     def forward(self, z, t, y):
         t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
@@ -294,23 +352,33 @@ class ExactTeacher(torch.nn.Module):
         return ((alpha * z.double() - x0) / sigma).to(z.dtype)
 
 
+def saturation(x):
+    """Shares of a float batch x in [-1, 1] scale: pixel values beyond [-1, 1], values at 0 or 255 once
+    quantised, values within 5 levels of them, and samples with any value beyond [-1, 1]."""
+    q = ((x.clamp(-1, 1) + 1) * 127.5).round()
+    edge = torch.minimum(q, 255 - q)
+    return dict(px_out=float((x.abs() > 1).double().mean()), px_at_0_255=float((edge == 0).double().mean()),
+                px_within_5=float((edge <= 5).double().mean()),
+                samples_out=float((x.abs() > 1).flatten(1).any(1).double().mean()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The exact metrics of exact samples of the mixture: each metric's floor.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mixture", choices=list(MIXTURES), default="gmm", help="which benchmark mixture")
     p.add_argument("--samples", type=int, default=1000, help="N samples (labels i mod 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     args = p.parse_args(argv)
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(args.samples) % NUM_CLASSES
-    x = mixture().sample(labels, g)
-    inside = float((x.abs() <= 1).flatten(1).all(1).double().mean())
+    mix = mixture(args.mixture)
+    x = mix.sample(labels, g)
     q = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1                   # quantised, as eval.py scores
-    out = mixture().metrics(q, labels)
-    print(f"exact samples, N = {args.samples}: " + " | ".join(f"{k} {v:.4g}" for k, v in out.items())
-          + f" | inside [-1, 1]: {inside:.4f}")
+    out = mix.metrics(q, labels)
+    print(f"{args.mixture}: exact samples, N = {args.samples}: " + " | ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    print("saturation: " + " | ".join(f"{k} {v:.4f}" for k, v in saturation(x).items()))
     return out
 
 
 if __name__ == "__main__":
     main()
-

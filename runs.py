@@ -92,8 +92,8 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
         x, y = image_folder(data_dir, split, limit)
     elif dataset == "synthetic":
         x, y = synthetic_dataset(5000 if split == "train" else 1000, seed=0 if split == "train" else 1)
-    elif dataset == "gmm":        # the exact benchmark's mixture (gmm.py), sampled once, quantised like images
-        x, y = (v.numpy() for v in gmm.dataset(50_000 if split == "train" else 10_000, split))
+    elif dataset in gmm.MIXTURES:   # an exact benchmark's mixture (gmm.py), sampled once, quantised like images
+        x, y = (v.numpy() for v in gmm.dataset(50_000 if split == "train" else 10_000, split, dataset))
     elif dataset == "cifar10":
         import torchvision
         root = os.environ.get("DDIL_CIFAR_ROOT", "data")
@@ -105,7 +105,7 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
                             "../shared/data/cifar10-jpeg-train.zip) or --dataset synthetic") from None
         x, y = ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64)
     else:
-        raise UserError(f"--dataset {dataset}: unknown (choose cifar10, synthetic or gmm, or give --data-dir)")
+        raise UserError(f"--dataset {dataset}: unknown (choose cifar10, synthetic, {', '.join(gmm.MIXTURES)}, or give --data-dir)")
     if limit is not None and len(x) > limit:
         x, y = x[:limit], y[:limit]
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -138,27 +138,42 @@ def build_unet(config, device):
     return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else net
 
 
-def load_teacher(path, device):
+def load_teacher(path, device, flag="--teacher"):
     """The teacher's EMA network, frozen, in eval mode, and its checkpoint."""
     ckpt = load_checkpoint(path, device)
     if "unet" not in ckpt or "ema" not in ckpt.get("nets", {}):
-        raise UserError(f"--teacher {path}: not a teacher checkpoint (no 'unet' config / 'ema' weights)")
+        raise UserError(f"{flag} {path}: not a teacher checkpoint (no 'unet' config / 'ema' weights)")
     if "model" not in ckpt["nets"]:           # students keep "student" (and critic / target / round teacher)
-        raise UserError(f"--teacher {path}: a distilled student's checkpoint (networks {', '.join(ckpt['nets'])}), "
+        raise UserError(f"{flag} {path}: a distilled student's checkpoint (networks {', '.join(ckpt['nets'])}), "
                         "not a teacher's; give a teacher.py checkpoint")
     net = build_unet(ckpt["unet"], device)
     net.load_state_dict(ckpt["nets"]["ema"])
     return net.eval().requires_grad_(False), ckpt
 
 
+def load_networks(args, device):
+    """(teacher, init): the teacher a student run distils (a frozen UNet, or `gmm.ExactTeacher` when
+    args.teacher_path is "exact") and the checkpoint of the UNet its student starts from (args.init_path:
+    the teacher's own, unless --init names another). Both paths are set by teacher.ensure_teacher."""
+    net, init = load_teacher(args.init_path, device, "--init" if args.init_path != args.teacher_path else "--teacher")
+    if args.teacher_path == "exact":
+        return gmm.ExactTeacher(args.dataset, gmm.mixture(args.dataset, device)), init
+    if args.teacher_path != args.init_path:
+        net, _ = load_teacher(args.teacher_path, device)
+    return net, init
+
+
 def teacher_checkpoint(args):
-    """--teacher PATH checked, or for --teacher auto the default teacher run's checkpoint path
-    (runs/teacher-<preset>[-<data>]-s0/ckpt.pt, what `python teacher.py --preset P` writes) and whether
-    that run has finished. The method scripts train a missing one with teacher.py (`ensure_teacher`)."""
-    if args.teacher != "auto":
-        if not os.path.isfile(args.teacher):
-            raise UserError(f"--teacher {args.teacher}: no such checkpoint (train one with teacher.py, or --teacher auto)")
-        return args.teacher, True
+    """The UNet teacher checkpoint a student run needs, and whether that run has finished: its teacher
+    (--teacher PATH), or with --teacher exact the network its student starts from (--init PATH). Otherwise
+    (auto) the default teacher run (runs/teacher-<preset>[-<data>]-s0/ckpt.pt, what `python teacher.py
+    --preset P` writes). The method scripts train a missing one with teacher.py (`ensure_teacher`)."""
+    init = getattr(args, "init", "auto")
+    source, flag = (init, "--init") if init != "auto" else (args.teacher, "--teacher")
+    if source not in ("auto", "exact"):
+        if not os.path.isfile(source):
+            raise UserError(f"{flag} {source}: no such checkpoint (train one with teacher.py, or {flag} auto)")
+        return source, True
     path = os.path.join(default_run_dir("teacher", args, seed=0), "ckpt.pt")
     ckpt = load_checkpoint(path) if os.path.isfile(path) else None
     return path, ckpt is not None and ckpt["step"] >= ckpt["config"]["iters"]
@@ -349,6 +364,7 @@ class GracefulStop:
 # "The exact benchmark"), cifar10 estimated for one H100 from FLOP counts (README). Printed, never used.
 ETA_MIN = {"smoke": dict(teacher=0.7, pd=0.5, lcm=0.5, dmd2=0.7, eval=1, first_eval=1.5),
            "gmm": dict(teacher=7, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
+           "gmm2": dict(teacher=9, pd=3, lcm=3.5, dmd2=5, eval=2, first_eval=9),   # not yet measured
            "cifar10": dict(teacher=60, pd=60, lcm=35, dmd2=75, eval=5, first_eval=10)}
 
 

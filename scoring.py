@@ -28,7 +28,9 @@ from metrics import (cache_dir, check_finite, class_metrics, default_device, dis
 DRIFT_SAMPLES = 1000                             # samples of the drift metric (a teacher solve per step)
 
 
-DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000, "gmm": 1000}
+# Sample count of a run whose config asks for none (a teacher trains without evaluating itself): eval.py
+# then scores it at the count its students evaluate at (their presets' --eval-samples; a test keeps them equal).
+DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000, "gmm": 1000, "gmm2": 1000}
 REF_LIMIT = {"smoke": 200}                       # FID reference subset per preset (absent: the whole set)
 
 
@@ -88,11 +90,11 @@ def score_samples(images, labels, train, ref_limit, classifier_arch, device, lpi
     return metrics, info
 
 
-def score_exact(images, labels, device, lpips_backbone=None):
+def score_exact(images, labels, device, lpips_backbone=None, mixture="gmm"):
     """The exact benchmark's metrics (gmm.py: nll, class_post, mode_tv, fd_px, named {N}_exact) of uint8
     samples against the mixture itself, and LPIPS diversity. Returns (metrics, info)."""
     n, t = len(images), time.time()
-    exact = gmm.mixture().metrics(to_uint8(images).double() / 127.5 - 1, labels)
+    exact = gmm.mixture(mixture).metrics(to_uint8(images).double() / 127.5 - 1, labels)
     metrics = {metric_name(k, n, "exact"): v for k, v in exact.items()}
     times = dict(exact_s=time.time() - t)
     t = time.time()
@@ -100,7 +102,7 @@ def score_exact(images, labels, device, lpips_backbone=None):
     if lpips_fn is not None:
         metrics[metric_name("lpips_div", n)] = lpips_diversity(lpips_fn, images, labels)
     times["lpips_s"] = time.time() - t
-    info = dict(reference=dict(name="exact", mixture="gmm.py seed 0"), time_s=times,
+    info = dict(reference=dict(name="exact", mixture="gmm.py seed 0" if mixture == "gmm" else f"gmm.py {mixture}"), time_s=times,
                 skipped={metric_name("lpips_div", n): why} if why else {})
     return metrics, info
 
@@ -122,17 +124,21 @@ def grid_tail(grid, t):
 def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size=None, amp=nullcontext):
     """For seeds 0..n-1 (labels i mod 10): the student's samples [n, 3, 32, 32], and, for the first n_drift
     seeds, where the teacher's flow on `grid` lands from the student's state after each of its first K - 1
-    steps [K - 1, n_drift, 3, 32, 32] (float, CPU). Same noise and loop as generate_samples."""
+    steps [K - 1, n_drift, 3, 32, 32] (float, CPU), and the share of the sampler's x̂_0 pixels outside
+    [-1, 1] at each of its K steps (after its own sampling-time clipping, if any). Same noise and loop as
+    generate_samples."""
     x0_fn, times, stochastic = student
     batch_size = batch_size or 500           # long solves: large batches, CPU too
-    samples, lands = [], []
+    samples, lands, outside = [], [], []
     for i in runs.progress(range(0, n, batch_size), "paired student / teacher trajectories (batches)"):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         states = []
 
         def recording(z, t, y):                  # z_k: the state entering step k + 1 (k = 0: the noise)
             states.append(z)
-            return x0_fn(z, t, y)
+            x0 = x0_fn(z, t, y)
+            outside.append((len(states) - 1, float(common.out_of_range(x0)) * len(z)))
+            return x0
         with amp():
             samples.append(check_finite(common.sample(recording, noise, y, times, renoise if stochastic else None),
                                         "student").float().cpu())
@@ -141,7 +147,8 @@ def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_siz
                 lands.append(torch.stack([common.sample(teacher_fn, z[:m], y[:m], grid_tail(grid, float(t))).float().cpu()
                                           for z, t in zip(states[1:], times[1:-1])]))
     K = len(times) - 1
-    return torch.cat(samples), (torch.cat(lands, dim=1) if lands else torch.zeros(K - 1, 0, 3, 32, 32))
+    oor = [sum(v for k, v in outside if k == step) / n for step in range(K)]
+    return torch.cat(samples), (torch.cat(lands, dim=1) if lands else torch.zeros(K - 1, 0, 3, 32, 32)), oor
 
 
 @torch.no_grad()
@@ -179,14 +186,19 @@ def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_ST
     grid, ref_name = grid or reference_grid(ref_steps), ref_name or f"ddim{ref_steps}"
     n_drift = min(n, DRIFT_SAMPLES) if drift else 0
     if samples is None or drift:
-        samples, lands = paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size, amp)
+        samples, lands, oor = paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size, amp)
     ref = teacher_samples(teacher_fn, n, device, ref_steps, cache_key, batch_size, amp, grid, ref_name)
     q = lambda x: to_uint8(x).float() / 127.5 - 1
     s, t = q(samples), q(ref)
     mse = (s - t).square().mean(dim=(1, 2, 3)).double().numpy()
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    # Its ceiling: the same MSE with the pairing broken, sample i against the teacher's sample i + 10 (the same
+    # class, other noise): what a student whose samples carry no information about their noise scores.
     metrics = {metric_name("teacher_mse", n, ref_name): float(mse.mean()),
                metric_name("teacher_mse_se", n, ref_name): se(mse)}
+    if n > common.NUM_CLASSES:
+        unpaired = (s - t.roll(-common.NUM_CLASSES, 0)).square().mean(dim=(1, 2, 3))
+        metrics[metric_name("unpaired_mse", n, ref_name)] = float(unpaired.double().mean())
     arrays = dict(mse=mse)
     if lpips_fn is not None:
         lp = torch.cat([lpips_fn(s[i:i + 50], t[i:i + 50]).cpu() for i in range(0, n, 50)]).double().numpy()
@@ -196,6 +208,7 @@ def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_ST
     if drift:
         gaps = [(q(land) - t[:n_drift]).square().mean() for land in lands] + [(s - t)[:n_drift].square().mean()]
         metrics[metric_name("drift", n_drift, ref_name)] = [float(g) for g in gaps]
+        metrics[metric_name("x0_oor", n)] = oor           # the student's own: the same under every reference
     return metrics, arrays
 
 
@@ -227,8 +240,8 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
     with torch.random.fork_rng():      # evaluation must not move the caller's RNG streams (training resumes)
         images, labels = generate_samples(generate, n, device, batch_size, amp, progress, label or out_path)
         t_gen = time.time() - t0
-        if cfg["dataset"] == "gmm":     # the exact benchmark: closed-form metrics, no Inception, no classifier
-            metrics, info = score_exact(images, labels, device, lpips_backbone)
+        if cfg["dataset"] in gmm.MIXTURES:   # an exact benchmark: closed-form metrics, no Inception, no classifier
+            metrics, info = score_exact(images, labels, device, lpips_backbone, cfg["dataset"])
         else:
             train = training_set(cfg["dataset"], cfg.get("data_dir"))
             metrics, info = score_samples(images, labels, train, ref_limit, classifier, device, lpips_backbone,
@@ -259,22 +272,26 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
 def teacher_refs(cfg, device):
     """The references a distilled run's samples are paired with: its own teacher's plain CFG DDIM sampler
     (guidance as in training, no thresholding: one reference for every run of a grid), and on the exact
-    benchmark the exact teacher's ODE too. [] when the run's teacher is not there."""
-    path = cfg.get("teacher_path")
+    benchmark the exact teacher's ODE too (alone when the run's teacher is the exact one). [] when the run's
+    teacher is not there."""
+    path, w = cfg.get("teacher_path"), cfg["guidance"]
+
+    def exact_ref():                     # the exact teacher's ODE (drift included: the closed form is cheap)
+        exact = gmm.ExactTeacher(cfg["dataset"])
+        return dict(teacher_fn=lambda z, t, y: common.denoise(exact, z, t, y, w), cache_key=f"{cfg['dataset']}-w{w:g}",
+                    grid=gmm.ode_grid(), ref_name=f"exact{gmm.ODE_STEPS}", lpips=False)
+    if path == "exact":                  # the run distilled the closed form itself: its ODE is the one reference
+        return [exact_ref()]
     if not path or not os.path.isfile(path):
         print(f"teacher agreement skipped: the run's teacher {path!r} is not there")
         return []
     teacher, _ = runs.load_teacher(path, device)
-    w = cfg["guidance"]
     run_teacher = dict(teacher_fn=lambda z, t, y: common.denoise(teacher, z, t, y, w), cache_key=f"{file_sha(path)}-w{w:g}")
-    if cfg["dataset"] != "gmm":
+    if cfg["dataset"] not in gmm.MIXTURES:
         return [run_teacher]
-    # The exact benchmark: agreement with the run's own teacher (no drift: a UNet solve per step is minutes on
-    # a CPU), and with the exact teacher's ODE (drift included: the closed form is cheap), no LPIPS.
-    exact = gmm.ExactTeacher()
-    return [dict(run_teacher, drift=False, lpips=False),
-            dict(teacher_fn=lambda z, t, y: common.denoise(exact, z, t, y, w), cache_key=f"gmm-w{w:g}",
-                 grid=gmm.ode_grid(), ref_name=f"exact{gmm.ODE_STEPS}", lpips=False)]
+    # A UNet teacher on the exact benchmark: agreement with it (no drift: a UNet solve per step is minutes on a
+    # CPU), and with the exact teacher's ODE, no LPIPS.
+    return [dict(run_teacher, drift=False, lpips=False), exact_ref()]
 
 
 def run_agreement(make_student, ckpt, device):
@@ -307,7 +324,7 @@ def prepare_shared(cfg, device=None, progress=True):
     ref_steps = PRESET_REF_STEPS.get(preset, REF_STEPS)
     amp = lambda: runs.autocast(SimpleNamespace(amp=cfg.get("amp", "none"), device=str(device)))
     with torch.random.fork_rng():
-        if cfg["dataset"] != "gmm":
+        if cfg["dataset"] not in gmm.MIXTURES:
             train = training_set(cfg["dataset"], cfg.get("data_dir"))
             ref_limit = REF_LIMIT.get(preset)
             idx = even_spread(len(train[0]), ref_limit or len(train[0]))
@@ -377,8 +394,8 @@ def covariate_shift(out, make_student, n=256, ref_steps=64, device="cpu", memo=N
     ckpt = runs.load_checkpoint(os.path.join(out, "ckpt.pt"), device)
     cfg = ckpt["config"]
     x0_fn, times, stochastic = make_student(ckpt, device)
-    if cfg["dataset"] == "gmm":
-        teacher, grid = gmm.ExactTeacher(), gmm.ode_grid()
+    if cfg["dataset"] in gmm.MIXTURES:
+        teacher, grid = gmm.ExactTeacher(cfg["dataset"]), gmm.ode_grid()
         tail = lambda t: grid_tail(grid, t)
     else:
         teacher, _ = runs.load_teacher(cfg["teacher_path"], device)

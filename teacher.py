@@ -24,6 +24,7 @@ import torch
 
 import cli
 import common
+import gmm
 import runs
 import scoring
 from common import NULL_CLASS
@@ -45,6 +46,8 @@ PRESETS = {
                     batch_size=128, lr=2e-4, ema=0.9999, warmup=1000, guidance=1.5, log_every=200,
                     save_every=5000, eval_every=0, eval_samples=10_000, sample_steps=32),
 }
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 
 def parse_args(argv=None):
@@ -59,11 +62,15 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=cli.fraction, default=None, help="dropout in ResBlocks (preset)")
     g.add_argument("--p-uncond", type=cli.fraction, default=0.1, help="label dropout for CFG (null class)")
     g.add_argument("--warmup", type=cli.count, default=None, help="learning-rate warm-up iterations (preset)")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips of the data")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the data (default: on, except on the mixture data sets, which "
+                        "are not mirror-symmetric: flipping them would teach the flip-symmetrised mixture)")
     g.add_argument("--sample-steps", type=cli.positive_int, default=None, help="DDIM steps for samples.png (preset)")
     cli.preset_help(p, PRESETS)
     args = p.parse_args(argv)
     cli.resolve(p, args, "teacher", PRESETS)
+    if args.hflip is None:
+        args.hflip = args.dataset not in gmm.MIXTURES
     try:
         args.ch_mult = [int(c) for c in str(args.ch_mult).split(",")]
         args.attn_res = [int(r) for r in str(args.attn_res).split(",") if r]
@@ -87,15 +94,19 @@ def auto_argv(args, out):
 
 
 def ensure_teacher(args):
-    """The teacher checkpoint of a method script's resolved args: --teacher PATH, or for --teacher auto
-    the default teacher run of this preset and dataset, trained (or resumed) here when it is missing
-    or unfinished. Sets args.teacher_path (recorded in the run's config; eval and ablate read it)."""
+    """The teacher of a method script's resolved args: --teacher PATH, "exact" (the mixture's closed form),
+    or for --teacher auto the default teacher run of this preset and dataset. The UNet the student starts
+    from (the teacher's, or --init's; with --teacher exact by default that same default teacher run) is
+    trained (or resumed) here when it is missing or unfinished. Sets args.teacher_path and args.init_path
+    (recorded in the run's config; eval and ablate read them) and returns args.teacher_path."""
     path, finished = runs.teacher_checkpoint(args)
     if not finished:
-        print(f"--teacher auto: no finished teacher at {path}; training it with teacher.py", flush=True)
+        why = "the student's initial UNet" if args.teacher == "exact" else "teacher"
+        print(f"--teacher {args.teacher}: no finished {why} at {path}; training it with teacher.py", flush=True)
         main(auto_argv(args, os.path.dirname(path)))        # a stop here stops the method script too
-    args.teacher_path = path
-    return path
+    args.init_path = path
+    args.teacher_path = "exact" if args.teacher == "exact" else path
+    return args.teacher_path
 
 
 # --- Loss: v-prediction with label dropout ---

@@ -1191,3 +1191,77 @@ def test_unet_pieces_against_their_formulas():
         p.data.add_(0.05 * torch.randn_like(p))
     v1, v2 = net(z, torch.full((3,), 0.3), y), net(z, torch.full((3,), 0.3), torch.tensor([2, 1, 10]))
     assert (v1[0] - v2[0]).abs().max() > 0 and torch.equal(v1[1:], v2[1:])   # the label conditions only its example
+
+
+# --- The second mixture, the exact teacher as the teacher, the metrics' parts ---
+
+def test_second_mixture_keeps_the_closed_forms_and_saturates_like_photographs():
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+    g = gmm.GMM(**{**gmm.MIXTURES["gmm2"], "side": 4, "rank": 3})     # its construction at D = 48
+    M = g.M
+    z = torch.randn(4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y, t = torch.tensor([0, 7, 10, 3]), torch.tensor([0.1, 0.4, 0.6, 0.9])
+    alpha, sigma = (a.double() for a in alpha_sigma(t))
+    ours = g.denoise(z, alpha, sigma, y).reshape(4, -1).numpy()
+    for b in range(4):
+        a, s, zb = float(alpha[b]), float(sigma[b]), z[b].reshape(-1).numpy()
+        ks = range(10 * M) if y[b] == 10 else range(M * int(y[b]), M * int(y[b]) + M)
+        logw, means = [], []
+        for k in ks:
+            mu, S = g.mu[k].numpy(), _full_cov(g, k)
+            cov = a * a * S + s * s * np.eye(g.D)
+            logw.append(float(g.log_pi[k]) - (math.log(10) if y[b] == 10 else 0.0) + multivariate_normal(a * mu, cov).logpdf(zb))
+            means.append(mu + a * S @ np.linalg.solve(cov, zb - a * mu))
+        w = np.exp(np.array(logw) - logsumexp(logw))
+        np.testing.assert_allclose(ours[b], (w[:, None] * np.array(means)).sum(0), rtol=1e-9, atol=1e-10)
+    # Components have their own subspaces: the union of the directions spans far more than one component's.
+    U = torch.cat(list(g.U), 1)                                 # [D, K r]
+    assert int(torch.linalg.matrix_rank(U)) > 3 * g.r
+    # The full-size mixture: a comparable mass at and next to +-1 as CIFAR-10 (1.25 % of values at 0 or 255,
+    # 2.8 % within 5 levels), concentrated in the saturated component's quarter of the images.
+    x = gmm.mixture("gmm2").sample(torch.arange(2000) % 10, torch.Generator().manual_seed(0))
+    shares = gmm.saturation(x)
+    assert 0.008 < shares["px_at_0_255"] < 0.02 and 0.012 < shares["px_within_5"] < 0.04, shares
+    assert 0.01 < shares["px_out"] and shares["samples_out"] > 0.2, shares
+    assert float((gmm.saturation(gmm.mixture("gmm").sample(torch.arange(500) % 10, torch.Generator()))["px_out"])) < 1e-4
+
+
+def test_frechet_terms_are_the_mean_subspace_and_isotropic_parts():
+    g = gmm.GMM(seed=3, side=2, rank=2)
+    gen = torch.Generator().manual_seed(4)
+    mean, F = g.class_stats(2)
+    x = g.sample(torch.full((400,), 2), gen)
+    terms = g.frechet_terms(x, 2)
+    assert sum(terms.values()) == g.frechet(x, 2)
+    xf = x.reshape(400, -1)
+    assert terms["mean"] == pytest.approx(float((xf.mean(0) - mean).square().sum()), rel=1e-12)
+    # Shifting every sample moves the mean term only; scaling the part outside span(F) moves the isotropic one.
+    shifted = g.frechet_terms(x + 0.1, 2)
+    assert shifted["struct"] == pytest.approx(terms["struct"], rel=1e-9) and shifted["iso"] == pytest.approx(terms["iso"], rel=1e-9)
+    Q = torch.linalg.svd(F, full_matrices=False)[0]
+    Q = Q[:, torch.linalg.svdvals(F) > 1e-9]
+    xc = xf - xf.mean(0)
+    inside = xc @ Q @ Q.T
+    squeezed = (xf.mean(0) + inside + 0.5 * (xc - inside)).reshape(x.shape)
+    moved = g.frechet_terms(squeezed, 2)
+    assert moved["struct"] == pytest.approx(terms["struct"], rel=1e-6) and moved["iso"] > terms["iso"] + 1e-3
+    # isotropic term written out: (D - q) (sqrt(v) - s)^2 with v the complement variance of the squeezed samples
+    out = (xc - inside) * 0.5
+    v = float(out.square().sum() / ((400 - 1) * (g.D - Q.shape[1])))
+    assert moved["iso"] == pytest.approx((g.D - Q.shape[1]) * (math.sqrt(v) - math.sqrt(g.s2)) ** 2, rel=1e-9)
+
+
+def test_unpaired_mse_breaks_the_pairing_within_the_class(gaussian_teacher_fn, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    n, R = 40, 8
+    student = (gaussian_teacher_fn, torch.linspace(1, 0, R + 1).tolist(), False)
+    metrics, _ = scoring.teacher_agreement(student, gaussian_teacher_fn, n, "cpu", None, R, drift=False)
+    ref = scoring.teacher_samples(gaussian_teacher_fn, n, "cpu", R)
+    q = lambda x: scoring.to_uint8(x).float() / 127.5 - 1
+    labels = torch.arange(n) % 10
+    partner = (torch.arange(n) + 10) % n                       # seed i against seed i + 10: same class, other noise
+    assert torch.equal(labels, labels[partner])
+    expect = float((q(ref) - q(ref)[partner]).square().mean(dim=(1, 2, 3)).double().mean())
+    assert metrics[f"teacher_mse{n}_ddim{R}"] == 0 and metrics[f"unpaired_mse{n}_ddim{R}"] == pytest.approx(expect, rel=1e-6)
+    assert expect > 0.01

@@ -28,6 +28,7 @@ import ddil_lcm as lcm
 import ddil_pd
 import eval as evaluation
 import metrics
+import gmm
 import runs
 import scoring
 from conftest import PY, ROOT, GaussianDenoiser, assert_same_nets, dm_loss, kill_after, read_log, run
@@ -624,6 +625,11 @@ def test_samples_do_not_depend_on_batch_size():
     assert a.dtype == torch.uint8 and a.shape == (11, 3, 32, 32)
 
 
+def test_a_teacher_is_scored_at_the_sample_count_its_students_evaluate_at():
+    for name, n in scoring.DEFAULT_SAMPLES.items():
+        assert {m.PRESETS[name]["eval_samples"] for m in (ddil_pd, lcm, ddil_dmd2)} == {n}, name
+
+
 def test_metric_names():
     assert metrics.metric_name("fid", 10_000, "train") == "fid10k_train"
     assert metrics.metric_name("fid", 100, "train", 500) == "fid100_train500"
@@ -1064,6 +1070,8 @@ BAD_INPUTS = [   # (script, argv, what the one-line error must name)
     ("eval.py", ["--images", ".", "--out", "/nonexistent/dir/m.json"], "--out"),
     ("ablate.py", ["--method", "pd", "--study", "paper", "--seeds", "0,0"], "--seeds"),
     ("ablate.py", ["--method", "pd", "--study", "paper", "--dry-run", "--", "--pres", "gmm"], "--pres"),
+    ("ddil_lcm.py", ["--teacher", "exact"], "--teacher exact"),      # the smoke preset's data has no closed form
+    ("eval.py", ["--teacher", "exact", "--dataset", "cifar10"], "--teacher exact"),
 ]
 
 
@@ -1203,3 +1211,35 @@ def test_the_teacher_evaluates_itself_at_the_end_with_its_own_sampler(tmp_path, 
     teacher.main(["--preset", "smoke", "--iters", "2", "--batch-size", "4", "--eval-samples", "4", "--sample-steps", "2",
                   "--log-every", "1", "--out", str(tmp_path)])
     assert seen == [(str(tmp_path), 4, "ddim2", None, (2, 3, 32, 32))]
+
+
+def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teacher(tmp_path, teacher_ckpt):
+    import teacher
+    assert [teacher.parse_args(["--preset", p]).hflip for p in ("smoke", "gmm", "gmm2")] == [True, False, False]
+    assert teacher.parse_args(["--preset", "gmm2", "--hflip"]).hflip is True
+    for module in (ddil_pd, lcm, ddil_dmd2):
+        assert module.parse_args(["--preset", "gmm2"]).teacher == "exact"
+        assert module.parse_args(["--preset", "gmm"]).teacher == "exact"
+        assert module.parse_args(["--preset", "smoke"]).teacher == "auto"
+    with pytest.raises(common.UserError, match="--init /nonexistent.pt: no such checkpoint"):
+        runs.teacher_checkpoint(argparse.Namespace(teacher="exact", init="/nonexistent.pt"))
+    # The exact teacher is what the loss sees; the student starts from --init's weights.
+    args = argparse.Namespace(teacher="exact", init=teacher_ckpt, teacher_path="exact", init_path=teacher_ckpt,
+                              dataset="gmm2")
+    net, init = runs.load_networks(args, "cpu")
+    assert isinstance(net, gmm.ExactTeacher) and net.mixture is gmm.mixture("gmm2")
+    assert torch.equal(init["nets"]["ema"]["conv_in.weight"], runs.load_checkpoint(teacher_ckpt)["nets"]["ema"]["conv_in.weight"])
+
+
+@pytest.mark.slow
+def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_path, teacher_ckpt):
+    out = tmp_path / "l"
+    r = run(["ddil_lcm.py", "--preset", "smoke", "--dataset", "gmm2", "--init", teacher_ckpt, "--iters", "2",
+             "--eval-samples", "20", "--log-every", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    config = json.load(open(out / "config.json"))
+    assert (config["teacher"], config["teacher_path"], config["init_path"]) == ("exact", "exact", teacher_ckpt)
+    metrics = json.load(open(out / "metrics.json"))
+    assert {"nll20_exact", "fd_px_struct20_exact", "teacher_mse20_exact256", "unpaired_mse20_exact256"} <= metrics.keys()
+    assert len(metrics["x0_oor20"]) == 4 and "clip_student_pct" in read_log(out)[0]
+    assert not any(k.startswith("teacher_mse20_ddim") for k in metrics)         # no UNet teacher to agree with
