@@ -78,7 +78,12 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 FIXED = ["--ddil", "--prior-schedule", "constant"]
 
 
-def grid(study, method):
+# Presets whose grids and tables were published before the DMD2 buffer-only row and the Holm-adjusted
+# p-values: they keep that form, so that their committed tables regenerate byte for byte.
+FIRST_PUBLISHED = {"gmm"}
+
+
+def grid(study, method, preset=None):
     """[(setting, flags)] of a study for a method, reference row first."""
     if study == "priors":
         rows = [("fwd100", FIXED + ["--beta-fwd", "1", "--beta-teacher", "0", "--beta-student", "0"]),
@@ -101,7 +106,13 @@ def grid(study, method):
                      ("all", ["--ddil", "--reflected"])]
         return rows
     if study == "paper":
-        return [("baseline", []), ("ddil", ["--ddil"]), ("reflected-ddil", ["--ddil", "--reflected"])]
+        rows = [("baseline", []), ("ddil", ["--ddil"]), ("reflected-ddil", ["--ddil", "--reflected"])]
+        if method == "dmd2" and preset not in FIRST_PUBLISHED:
+            # DMD2's baseline simulates its backward states fresh, while --ddil serves them from the replay
+            # buffer: this row has the buffer and nothing else of DDIL (its own states only, constant priors),
+            # so that +DDIL's effect separates from the buffer's.
+            rows.insert(1, ("buffer", FIXED + ["--beta-fwd", "0", "--beta-teacher", "0", "--beta-student", "1"]))
+        return rows
     raise ValueError(study)
 
 
@@ -214,7 +225,7 @@ def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
     for method in methods:
         for study in studies:
             rows = []
-            for setting, flags in grid(study, method):
+            for setting, flags in grid(study, method, preset):
                 if only and setting not in only:
                     continue
                 by_seed = {}
@@ -596,6 +607,32 @@ def read_record(run, results):
 
 # --- Statistics ---
 
+def paired_p(values, ref_values):
+    """Two-sided p-value of the paired t-test of values[s] - ref_values[s] over the seeds both have (nan
+    with fewer than two seeds; 0 or 1 when every difference is the same)."""
+    from scipy import stats
+    seeds = sorted(set(values) & set(ref_values))
+    d = np.array([values[s] - ref_values[s] for s in seeds], dtype=np.float64)
+    if len(d) < 2:
+        return math.nan
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    return float(2 * stats.t.sf(abs(d.mean()) / (sd / math.sqrt(len(d))), len(d) - 1))
+
+
+def holm(p):
+    """Holm's step-down adjustment of the p-values p (a list; nan left out of the family and kept nan):
+    the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Controls the family-wise
+    error rate over every comparison of a table, with no assumption on their dependence."""
+    idx = sorted((i for i, v in enumerate(p) if not math.isnan(v)), key=lambda i: p[i])
+    out, running = list(p), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
 def paired_delta(values, ref_values):
     """Per-seed paired difference values[s] - ref_values[s] over the seeds both have: (mean, lo, hi, n),
     with a 95 % Student-t interval over seeds (lo = hi = nan with one seed)."""
@@ -662,7 +699,11 @@ def summarise(results, ref):
                 if x and y:
                     mean, lo, hi, n = paired_delta(x, y)
                     row[f"d_{c}"], row[f"d_{c}_lo"], row[f"d_{c}_hi"] = mean, lo, hi
+                    row[f"d_{c}_p"] = paired_p(x, y)
         rows.append(row)
+    cells = [(r, k) for r in rows for k in list(r) if k.endswith("_p") and k.startswith("d_")]
+    for (r, k), adjusted in zip(cells, holm([r[k] for r, k in cells])):   # the family: every Δ of the table
+        r[k + "_holm"] = adjusted
     return rows, cols
 
 
@@ -697,16 +738,21 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
     stem = os.path.join(out_dir, f"{study}-{method}")
     metrics = [c for c in list(cols) + ["wall_min"] if any(c in r for r in rows)]
     deltas = [c for c in cols if any(f"d_{c}" in r for r in rows)]
+    adjusted = preset not in FIRST_PUBLISHED
     with open(stem + ".csv", "w", newline="") as f:
         keys = ["setting", "seeds"] + [k for m in metrics for k in (m, m + "_std")] + \
-               [k for m in deltas for k in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")]
+               [k for m in deltas for k in (f"d_{m}", f"d_{m}_lo", f"d_{m}_hi")
+                + ((f"d_{m}_p", f"d_{m}_p_holm") if adjusted else ())]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writerow({k: cols.get(k, k) for k in keys})          # header: the full metric keys
         w.writerows(rows)
     fixed, varied = held_fixed(configs)
     scale = {"smoke": "SMOKE-SCALE EXAMPLE (tiny UNet, synthetic data, minutes of CPU): not results.",
              "gmm": "The exact benchmark (gmm.py): a Gaussian-mixture data set with closed-form metrics; "
-                    "`_exact` metrics are exact for the samples scored (see gmm.py for how to read each)."}.get(preset, "")
+                    "`_exact` metrics are exact for the samples scored (see gmm.py for how to read each).",
+             "gmm2": "The second exact benchmark (gmm.py, mixture gmm2: saturated pixels, per-component subspaces); "
+                     "`_exact` metrics are exact for the samples scored (see gmm.py for how to read each)."
+             }.get(preset, "")
     n_seeds = len(seeds)
     lines = [f"# Ablation `{study}` — {method} (preset {preset}, seeds {','.join(map(str, seeds))})", "",
              scale, "",
@@ -714,7 +760,10 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
              "(from the runs' resolved configs).", "",
              ("One seed: values, no spread. " if n_seeds == 1 else "Mean ± std over seeds. ")
              + f"Δ columns: paired difference to `{ref}` per seed, averaged, with a 95 % t-interval over seeds; "
-             "* marks an interval that excludes zero. Columns are full metric keys (sample count and reference).", "",
+             + ("then the paired t-test's p-value, raw / Holm-adjusted over every Δ of this table; * marks a "
+                "Holm-adjusted p < 0.05 (read the adjusted one: a table makes dozens of comparisons). "
+                if adjusted else "* marks an interval that excludes zero. ")
+             + "Columns are full metric keys (sample count and reference).", "",
              "| setting | " + " | ".join(cols.get(m, m) for m in metrics) + (" | " if deltas else "")
              + " | ".join(f"Δ{m}" for m in deltas) + " |",
              "|" + "---|" * (1 + len(metrics) + len(deltas))]
@@ -726,6 +775,12 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
                 cells.append("(ref)" if r["setting"] == ref else "")
                 continue
             d, lo, hi = r[f"d_{m}"], r[f"d_{m}_lo"], r[f"d_{m}_hi"]
+            if adjusted:
+                p, p_holm = r[f"d_{m}_p"], r[f"d_{m}_p_holm"]
+                star = "*" if p_holm < 0.05 else ""
+                cells.append(f"{d:+.3g}{star}" + ("" if math.isnan(lo) else f" [{lo:+.3g}, {hi:+.3g}] "
+                                                                          f"p {p:.2g} / {p_holm:.2g}"))
+                continue
             star = "*" if not math.isnan(lo) and (lo > 0 or hi < 0) else ""
             cells.append(f"{d:+.3g}{star}" + ("" if math.isnan(lo) else f" [{lo:+.3g}, {hi:+.3g}]"))
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")

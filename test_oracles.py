@@ -1053,6 +1053,23 @@ def test_paired_delta_mean_and_t_interval():
     assert ddil["fid_train_std"] == pytest.approx(np.std([9.0, 11.1, 9.9], ddof=1))
 
 
+def test_paired_p_is_scipys_paired_t_test_and_holm_is_the_step_down_rule():
+    from scipy import stats
+    import ablate
+    x, ref = {0: 1.0, 1: 2.5, 2: 2.9, 3: 4.4}, {0: 0.5, 1: 1.0, 2: 2.5, 3: 3.0}
+    assert ablate.paired_p(x, ref) == pytest.approx(stats.ttest_rel([1.0, 2.5, 2.9, 4.4], [0.5, 1.0, 2.5, 3.0]).pvalue)
+    assert math.isnan(ablate.paired_p({0: 1.0}, {0: 0.0}))
+    # Holm by hand: sorted 0.01, 0.02, 0.03, 0.2 of m = 4 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), max(0.06, 0.2).
+    assert ablate.holm([0.03, 0.2, 0.01, math.nan, 0.02])[:3] == pytest.approx([0.06, 0.2, 0.04])
+    assert ablate.holm([0.03, 0.2, 0.01, math.nan, 0.02])[4] == pytest.approx(0.06)
+    assert math.isnan(ablate.holm([0.5, math.nan])[1]) and ablate.holm([0.9, 0.8]) == [1.0, 1.0]
+    results = {"base": {s: {"fid9_train": 10.0 + s, "nll9_exact": 1.0} for s in range(4)},
+               "a": {s: {"fid9_train": 9.0 + s + 0.1 * (s % 2), "nll9_exact": 1.0 + 0.01 * s} for s in range(4)}}
+    rows, _ = ablate.summarise(results, "base")
+    ps = [rows[1]["d_fid_train_p"], rows[1]["d_nll_exact_p"]]
+    assert [rows[1]["d_fid_train_p_holm"], rows[1]["d_nll_exact_p_holm"]] == pytest.approx(ablate.holm(ps))
+
+
 # --- EMA, the LCM target network, DMD2's critic and GAN losses, the covariate-shift diagnostic, the UNet ---
 
 def _constant_pair(seed=0):

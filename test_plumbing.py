@@ -730,7 +730,7 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
     # of each study: only the studied settings may differ; and each row resolves to what its name says.
     for m in ("pd", "lcm", "dmd2"):
         for study, keys in STUDIED.items():
-            configs = {name: ablate.resolved_config(m, flags, "smoke", 0, []) for name, flags in ablate.grid(study, m)}
+            configs = {name: ablate.resolved_config(m, flags, "smoke", 0, []) for name, flags in ablate.grid(study, m, "smoke")}
             ref = configs[ablate.reference(study, m)]
             for name, cfg in configs.items():
                 differ = {k for k in cfg.keys() | ref.keys() if cfg.get(k) != ref.get(k)}
@@ -751,7 +751,14 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
             expect.update({"critic": {"threshold_critic"}, "teacher+critic": {"threshold_teacher", "threshold_critic"},
                            "all": STUDIED["threshold"]})
         assert where == expect, m
-        paper = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("paper", m)}
+        paper = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("paper", m, "smoke")}
+        if m == "dmd2":     # the buffer-only row: the baseline plus the buffer, nothing else of DDIL
+            differ = {k for k in paper["buffer"].keys() | paper["baseline"].keys()
+                      if paper["buffer"].get(k) != paper["baseline"].get(k)}
+            assert differ <= {"buffer_size", "buffer_refresh", "rollout_chunk", "max_age", "prior_schedule",
+                              "beta_fwd", "beta_teacher", "beta_student"}, differ
+            assert paper["buffer"]["priors"] == paper["baseline"]["priors"] and paper["buffer"]["buffer_size"] > 0
+        assert "buffer" not in dict(ablate.grid("paper", m, "gmm"))        # the first benchmark's grid as published
         assert paper["baseline"]["priors"] == [float(s == importlib.import_module(f"ddil_{m}").BASELINE_SOURCE) for s in common.SOURCES]
         assert paper["baseline"]["sample_clip"] == (m == "pd")          # each method's official default
         assert paper["reflected-ddil"]["threshold_teacher"] and paper["reflected-ddil"]["threshold_student"]
