@@ -127,7 +127,7 @@ def reference(study, method):
 
 # Resolved settings that do not change a run's result (where it writes, how often it logs, shorthands
 # already expanded into the settings they stand for).
-NOT_RESULT = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "compile", "preset_reason",
+NOT_RESULT = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "eval_at", "compile", "preset_reason",
               "reevaluate", "ddil", "reflected"}
 # Settings a table's header names as held fixed (when equal across its rows), in this order.
 HEADLINE = ("dataset", "data_dir", "iters", "batch_size", "lr", "guidance", "steps", "eval_samples", "buffer_size",
@@ -917,6 +917,11 @@ def parse_args(argv=None):
                         "cifar10 1000)")
     p.add_argument("--device", default="auto", help="device for the shared caches and the diagnostic (runs pick their own)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state (done, running, ...) and exit")
+    p.add_argument("--curves", action="store_true",
+                   help="write learning curves (curves-<method>.md/.png) instead of tables: the metrics at every "
+                        "evaluation in the runs' histories (train with -- --iters N --eval-at 100,200,...), and the "
+                        "budget they imply: the first iteration count where one more doubling improves fd_px by "
+                        "less than 5 %%, else the largest evaluated")
     p.add_argument("--tables", action="store_true",
                    help="only write the tables from the records in --results (the teacher is the one they "
                         "recorded: nothing is trained, no checkpoint is read); an error if a run has no record")
@@ -1046,6 +1051,9 @@ def main(argv=None):
               "this command to see their state, resubmit what failed and write the tables once all are done", flush=True)
         return runs
     for (study, method), rows in tables.items():
+        if args.curves:
+            write_curves(method, args.preset, rows, args.results)
+            continue
         results = {setting: {s: read_record(run, args.results) for s, run in by_seed.items()} for setting, by_seed in rows}
         ref = reference(study, method)
         check_complete(results, rows, study, method, args.results)
@@ -1056,6 +1064,70 @@ def main(argv=None):
             write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,
                         args.shift_samples, args.device)
     return runs
+
+
+# --- Learning curves: the budgets ---
+
+CURVE_METRICS = ("fd_px", "fd_px_struct", "teacher_mse", "unpaired_mse", "nll", "mode_tv", "class_post")
+
+
+def curve_budget(steps, fd, gain=0.05):
+    """(budget, reason): the first evaluated iteration count s whose doubling 2 s improves fd_px by less than
+    `gain` (relative), else the largest evaluated count."""
+    for s in steps:
+        if 2 * s in fd and (fd[s] - fd[2 * s]) < gain * fd[s]:
+            return s, f"fd_px improves by {100 * (fd[s] - fd[2 * s]) / fd[s]:.1f} % from {s} to {2 * s} iterations"
+    return max(steps), f"fd_px still improved by {gain:.0%} or more at every doubling: the largest evaluated count"
+
+
+def write_curves(method, preset, rows, out_dir):
+    """curves-<method>.md/.png: each row's metrics at every evaluation of its runs (mean over seeds)."""
+    lines = [f"# Learning curves — {method} (preset {preset})", "",
+             "Metrics at every evaluation of each row's runs (metrics.json history), mean over seeds. The budget: "
+             "the first iteration count where one more doubling improves fd_px by less than 5 %, else the largest "
+             "evaluated. (Mid-run points of one run stand for shorter runs only where the learning rate is constant "
+             "after its warm-up, as in LCM and DMD2; PD anneals within each round, so its curve needs a run per "
+             "budget.)", ""]
+    curves = {}
+    for setting, by_seed in rows:
+        per_step = {}
+        for seed, run in by_seed.items():
+            for entry in read_json(os.path.join(run.record(out_dir), "metrics.json")).get("history", []):
+                for key, value in entry.items():
+                    parts = split_key(key)
+                    if parts and parts[0] in CURVE_METRICS and isinstance(value, (int, float)) and entry.get("step"):
+                        per_step.setdefault(entry["step"], {}).setdefault(parts[0], []).append(value)
+        curve = {s: {m: float(np.mean(v)) for m, v in per_step[s].items()} for s in sorted(per_step)}
+        curves[setting] = curve
+        present = [m for m in CURVE_METRICS if any(m in c for c in curve.values())]
+        lines += [f"## {setting} (seeds {','.join(str(s) for s in sorted(by_seed))})", "",
+                  "| iterations | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+        lines += [f"| {s} | " + " | ".join(f"{c[m]:.4g}" if m in c else "" for m in present) + " |"
+                  for s, c in curve.items()]
+        fd = {s: c["fd_px"] for s, c in curve.items() if "fd_px" in c}
+        if fd:
+            budget, why = curve_budget(sorted(fd), fd)
+            lines += ["", f"Budget: **{budget} iterations** ({why}).", ""]
+    stem = os.path.join(out_dir, f"curves-{method}")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, metric in zip(axes, ("fd_px", "teacher_mse")):
+        for setting, curve in curves.items():
+            pts = [(s, c[metric]) for s, c in curve.items() if metric in c]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=setting)
+        ax.set_xscale("log", base=2), ax.set_xlabel("iterations"), ax.set_title(metric, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"learning curves — {method} ({preset})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    plt.close(fig)
+    print("\n".join(lines[6:]))
+    print(f"wrote {stem}.md, .png")
 
 
 if __name__ == "__main__":

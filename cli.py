@@ -109,6 +109,11 @@ def count(s):
     return 0 if s.strip() == "0" else positive_int(s)
 
 
+def iterations(s):
+    """A comma-separated list of iteration counts, e.g. 100,200,400 (sorted, no repeats)."""
+    return sorted({positive_int(p) for p in s.split(",") if p.strip()})
+
+
 def preset_help(p, presets):
     """Name each preset's value in the --help of every flag it sets, '(preset: smoke 80, gmm 300, cifar10
     40000)', so that the help shows the values a run will use. Call after the last add_argument."""
@@ -163,6 +168,8 @@ def add_common_args(p, student=True):
     g.add_argument("--log-every", type=positive_int, default=None, help="iterations per log line (preset)")
     g.add_argument("--save-every", type=positive_int, default=None, help="iterations per checkpoint (preset)")
     g.add_argument("--eval-every", type=count, default=None, help="iterations per evaluation, 0 = only at the end (preset)")
+    g.add_argument("--eval-at", type=iterations, default=[],
+                   help="also evaluate at these iterations, e.g. 100,200,400 (a learning curve in metrics.json's history)")
     g.add_argument("--eval-samples", type=count, default=None,
                    help="samples for the metrics (fid<N>_train ...); 0 = no metrics (preset)")
     g.add_argument("--reevaluate", action="store_true",
@@ -231,7 +238,7 @@ def add_ddil_args(p, critic=False):
 
 # Flags that do not change what is trained, so they do not name the run directory.
 _NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "data_dir", "dataset", "amp", "compile",
-                 "log_every", "save_every", "eval_every", "eval_samples", "iters"}
+                 "log_every", "save_every", "eval_every", "eval_at", "eval_samples", "iters"}
 
 
 def check_device(name):

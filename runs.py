@@ -401,9 +401,10 @@ def check_finite(step, **values):
 
 def end_of_step(args, step, save, stop, evaluate):
     """Checkpoint every --save-every steps, at the last step and on a stop request; call evaluate()
-    (the script's metrics.json writer) every --eval-every steps. Raises Stopped after saving when
-    Ctrl-C / SIGTERM asked the loop to stop."""
-    due = bool(args.eval_every and step % args.eval_every == 0 and step < args.iters and args.eval_samples
+    (the script's metrics.json writer) every --eval-every steps and at the --eval-at steps. Raises Stopped
+    after saving when Ctrl-C / SIGTERM asked the loop to stop."""
+    scheduled = (args.eval_every and step % args.eval_every == 0) or step in getattr(args, "eval_at", ())
+    due = bool(scheduled and step < args.iters and args.eval_samples
                and not stop.requested)                        # a stop request: save and go, no evaluation first
     if step % args.save_every == 0 or step == args.iters or stop.requested or due:
         save()                                   # the evaluation reads the checkpoint
@@ -462,7 +463,7 @@ def versions():
 
 
 # Resolved flags that may change when a run is resumed: where and how often it logs, saves and evaluates.
-RESUMABLE = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "eval_samples", "compile",
+RESUMABLE = {"out", "dry_run", "device", "log_every", "save_every", "eval_every", "eval_at", "eval_samples", "compile",
              "preset_reason", "reevaluate", "teacher", "versions"}
 _LOCKS = {}                     # run directory -> its open lock file: held for the life of the process
 

@@ -1282,3 +1282,12 @@ def test_unpaired_mse_breaks_the_pairing_within_the_class(gaussian_teacher_fn, t
     expect = float((q(ref) - q(ref)[partner]).square().mean(dim=(1, 2, 3)).double().mean())
     assert metrics[f"teacher_mse{n}_ddim{R}"] == 0 and metrics[f"unpaired_mse{n}_ddim{R}"] == pytest.approx(expect, rel=1e-6)
     assert expect > 0.01
+
+
+def test_the_budget_is_the_first_doubling_that_gains_less_than_five_percent():
+    import ablate
+    fd = {100: 20.0, 200: 12.0, 400: 10.0, 800: 9.6, 1600: 9.5}        # gains 40 %, 16.7 %, 4 %, 1 %
+    assert ablate.curve_budget(sorted(fd), fd)[0] == 400
+    steep = {100: 20.0, 200: 15.0, 400: 11.0}
+    budget, why = ablate.curve_budget(sorted(steep), steep)
+    assert budget == 400 and "largest" in why

@@ -1242,7 +1242,7 @@ def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teac
 def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_path, teacher_ckpt):
     out = tmp_path / "l"
     r = run(["ddil_lcm.py", "--preset", "smoke", "--dataset", "gmm2", "--init", teacher_ckpt, "--iters", "2",
-             "--eval-samples", "20", "--log-every", "1", "--out", str(out)])
+             "--eval-samples", "20", "--log-every", "1", "--eval-at", "1", "--out", str(out)])
     assert r.returncode == 0, r.stderr
     config = json.load(open(out / "config.json"))
     assert (config["teacher"], config["teacher_path"], config["init_path"]) == ("exact", "exact", teacher_ckpt)
@@ -1250,3 +1250,4 @@ def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_pa
     assert {"nll20_exact", "fd_px_struct20_exact", "teacher_mse20_exact256", "unpaired_mse20_exact256"} <= metrics.keys()
     assert len(metrics["x0_oor20"]) == 4 and "clip_student_pct" in read_log(out)[0]
     assert not any(k.startswith("teacher_mse20_ddim") for k in metrics)         # no UNet teacher to agree with
+    assert [h["step"] for h in metrics["history"]] == [1, 2]                       # --eval-at 1, then the end
