@@ -843,7 +843,7 @@ def write_shift(method, preset, rows, runs_dir, results, n, device):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curves, memo, seeds = {}, {}, set()
-    for setting, by_seed in rows[:2]:                       # baseline and +DDIL students
+    for setting, by_seed in [(s, b) for s, b in rows if s in ("baseline", "ddil")]:   # baseline and +DDIL students
         per_seed = {s: shift_record(run, runs_dir, results, n, device, memo) for s, run in by_seed.items()}
         missing = [s for s, v in per_seed.items() if v is None]
         if missing:
@@ -973,6 +973,8 @@ def parse_args(argv=None):
     args.slurm = dict(args.slurm)
     if any(a.split("=")[0] in ("--out", "--seed", "--preset") for a in extra):
         p.error("arguments after `--` may not set --out, --seed or --preset (ablate.py sets them)")
+    if args.curves and len(args.study) > 1:
+        p.error("argument --curves: give one --study (each method's curves are one file)")
     return args, extra
 
 

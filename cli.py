@@ -146,9 +146,9 @@ def add_common_args(p, student=True):
                             "no teacher error; auto: exact on mixture data sets, else reuse (or train with teacher.py) "
                             "runs/teacher-<preset>-s0")
         g.add_argument("--init", default="auto",
-                       help="the UNet checkpoint the student (and DMD2's critic) starts from: auto = the teacher's "
-                            "weights, or with --teacher exact the UNet teacher run runs/teacher-<preset>-s0 (trained "
-                            "by teacher.py when missing); or a teacher checkpoint PATH")
+                       help="with --teacher exact, the UNet checkpoint the student (and DMD2's critic) starts from: "
+                            "auto = the UNet teacher run runs/teacher-<preset>-s0 (trained by teacher.py when missing), "
+                            "or a teacher checkpoint PATH (a UNet teacher's students start from the teacher itself)")
     g.add_argument("--guidance", type=nonnegative, default=None,
                    help="classifier-free guidance scale w of the teacher: 1 = none (the conditional model), 0 = the "
                         "unconditional model, between them weaker and above 1 stronger conditioning; w < 0 is refused "
@@ -237,7 +237,7 @@ def add_ddil_args(p, critic=False):
 
 
 # Flags that do not change what is trained, so they do not name the run directory.
-_NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "data_dir", "dataset", "amp", "compile",
+_NOT_SETTINGS = {"preset", "seed", "device", "out", "dry_run", "teacher", "init", "data_dir", "dataset", "amp", "compile",
                  "log_every", "save_every", "eval_every", "eval_at", "eval_samples", "iters"}
 
 
@@ -291,6 +291,9 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
         if args.teacher == "exact" and not mixture:
             raise UserError(f"--teacher exact: only a mixture data set ({', '.join(gmm.MIXTURES)}) has a closed-form "
                             f"teacher, not --dataset {args.dataset}")
+        if args.init != "auto" and args.teacher != "exact":
+            raise UserError(f"--init {args.init}: only with --teacher exact (a UNet teacher's students start from "
+                            "the teacher itself)")
     if hasattr(args, "ddil"):
         _resolve_ddil(args, default_source, sample_clip)
     if args.out is None:

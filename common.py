@@ -410,11 +410,9 @@ class ReplayBuffer:
     def state_dict(self):
         """The live trajectories, oldest first, and the ring's counters."""
         live = None if self.z is None else self.live()
-        state = dict(K=self.K, ptr=self.ptr, n=self.n, credit=self.credit)
-        for key in ("z", "y", "born"):
-            value = getattr(self, key)
-            state[key] = None if live is None else value[live.to(value.device)]
-        return state
+        state = {key: None if live is None else getattr(self, key)[live.to(getattr(self, key).device)]
+                 for key in ("z", "y", "born")}
+        return {**state, "K": self.K, "ptr": self.ptr, "n": self.n, "credit": self.credit}
 
     @classmethod
     def from_state(cls, state, capacity):

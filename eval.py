@@ -31,7 +31,7 @@ import common
 import gmm
 import runs
 from metrics import inception_features, metric_name
-from scoring import DEFAULT_SAMPLES, evaluate_generator, evaluate_images, merge_metrics
+from scoring import evaluate_generator, evaluate_images
 
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
 
@@ -219,14 +219,12 @@ def evaluate_exact_teacher(args, opts):
     sampler = f"ddim{args.steps}" + ("" if args.guidance is None else f"-w{w:g}")
     out = args.out or os.path.join("runs", f"teacher-exact-{args.dataset}", f"metrics-{sampler}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    oor = lambda n: {metric_name("x0_oor", n): [v / n for v in outside]}     # per step, once the n samples are drawn
     metrics = evaluate_generator(generate, ckpt, out, sampler, args.samples, args.device,
-                                 label=f"exact teacher of {args.dataset}, {sampler}", **opts)
-    n = args.samples or DEFAULT_SAMPLES[args.dataset]         # what evaluate_generator drew
-    oor = {metric_name("x0_oor", n): [v / n for v in outside]}
-    merge_metrics(out, oor, dict(n=n))
-    print(f"{metric_name('x0_oor', n)} (x̂_0 pixels outside [-1, 1] per step): "
-          + " ".join(f"{v:.4f}" for v in oor[metric_name('x0_oor', n)]))
-    return {**metrics, **oor}
+                                 label=f"exact teacher of {args.dataset}, {sampler}", extra=oor, **opts)
+    name = next(k for k in metrics if k.startswith("x0_oor"))
+    print(f"{name} (x̂_0 pixels outside [-1, 1] per step): " + " ".join(f"{v:.4f}" for v in metrics[name]))
+    return metrics
 
 
 if __name__ == "__main__":

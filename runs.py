@@ -154,22 +154,20 @@ def load_teacher(path, device, flag="--teacher"):
 def load_networks(args, device):
     """(teacher, init): the teacher a student run distils (a frozen UNet, or `gmm.ExactTeacher` when
     args.teacher_path is "exact") and the checkpoint of the UNet its student starts from (args.init_path:
-    the teacher's own, unless --init names another). Both paths are set by teacher.ensure_teacher."""
-    net, init = load_teacher(args.init_path, device, "--init" if args.init_path != args.teacher_path else "--teacher")
+    the teacher itself, or with the exact teacher --init's UNet). Both paths are set by teacher.ensure_teacher."""
+    net, init = load_teacher(args.init_path, device, "--init" if args.teacher_path == "exact" else "--teacher")
     if args.teacher_path == "exact":
         return gmm.ExactTeacher(args.dataset, gmm.mixture(args.dataset, device)), init
-    if args.teacher_path != args.init_path:
-        net, _ = load_teacher(args.teacher_path, device)
     return net, init
 
 
 def teacher_checkpoint(args):
-    """The UNet teacher checkpoint a student run needs, and whether that run has finished: its teacher
+    """The one UNet checkpoint a student run needs, and whether that run has finished: its teacher
     (--teacher PATH), or with --teacher exact the network its student starts from (--init PATH). Otherwise
     (auto) the default teacher run (runs/teacher-<preset>[-<data>]-s0/ckpt.pt, what `python teacher.py
     --preset P` writes). The method scripts train a missing one with teacher.py (`ensure_teacher`)."""
     init = getattr(args, "init", "auto")
-    source, flag = (init, "--init") if init != "auto" else (args.teacher, "--teacher")
+    source, flag = (init, "--init") if args.teacher == "exact" else (args.teacher, "--teacher")
     if source not in ("auto", "exact"):
         if not os.path.isfile(source):
             raise UserError(f"{flag} {source}: no such checkpoint (train one with teacher.py, or {flag} auto)")
@@ -524,7 +522,12 @@ def _parse_line(line):
 
 
 def _settings(config):
-    return {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
+    out = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
+    if out.get("init") == "auto":                 # settings added later, at the value runs had before them
+        del out["init"]
+    if out.get("init_path") == out.get("teacher_path"):
+        out.pop("init_path", None)
+    return out
 
 
 def prepare_run(args, method):

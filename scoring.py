@@ -193,11 +193,12 @@ def teacher_agreement(student, teacher_fn, n, device, lpips_fn, ref_steps=REF_ST
     mse = (s - t).square().mean(dim=(1, 2, 3)).double().numpy()
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     # Its ceiling: the same MSE with the pairing broken, sample i against the teacher's sample i + 10 (the same
-    # class, other noise): what a student whose samples carry no information about their noise scores.
+    # class, other noise; the last 10 have no partner): what a student whose samples carry no information
+    # about their noise scores.
     metrics = {metric_name("teacher_mse", n, ref_name): float(mse.mean()),
                metric_name("teacher_mse_se", n, ref_name): se(mse)}
     if n > common.NUM_CLASSES:
-        unpaired = (s - t.roll(-common.NUM_CLASSES, 0)).square().mean(dim=(1, 2, 3))
+        unpaired = (s[:-common.NUM_CLASSES] - t[common.NUM_CLASSES:]).square().mean(dim=(1, 2, 3))
         metrics[metric_name("unpaired_mse", n, ref_name)] = float(unpaired.double().mean())
     arrays = dict(mse=mse)
     if lpips_fn is not None:
@@ -223,11 +224,12 @@ def optional_lpips(backbone, device):
 
 def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device=None, ref_limit=None,
                        classifier=None, lpips_backbone=None, batch_size=None, progress=True, label=None,
-                       agreement=None, ref_steps=None):
+                       agreement=None, ref_steps=None, extra=None):
     """Draw n samples (seed i, label i mod 10), score them against the training set of the checkpoint's
     config, merge the metrics into out_path and print one line. ref_limit None: the preset's; 0: all.
     agreement: dict(student=(x0_fn, times, stochastic), refs=[dict(teacher_fn=, cache_key=, and optionally
-    grid=, ref_name=, drift=, lpips=)]) adds paired agreement with each reference teacher."""
+    grid=, ref_name=, drift=, lpips=)]) adds paired agreement with each reference teacher. extra(n) -> dict:
+    metrics the caller gathered while `generate` ran, merged with the rest."""
     cfg = ckpt["config"]
     device = device or default_device()
     preset = cfg.get("preset")
@@ -259,6 +261,8 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
                 if why:
                     info["skipped"][metric_name("teacher_lpips", n, ref_name)] = why
             info["time_s"]["agreement_s"] = time.time() - t1
+    if extra:
+        metrics.update(extra(n))
     info["time_s"] = dict(generate_s=t_gen, **info["time_s"], total_s=time.time() - t0)
     record = dict(step=ckpt.get("step"), n=n, seeds=[0, n - 1], labels="seed mod 10", sampler=sampler,
                   device=str(device), **info, time=time.time())

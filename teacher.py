@@ -96,13 +96,13 @@ def auto_argv(args, out):
 def ensure_teacher(args):
     """The teacher of a method script's resolved args: --teacher PATH, "exact" (the mixture's closed form),
     or for --teacher auto the default teacher run of this preset and dataset. The UNet the student starts
-    from (the teacher's, or --init's; with --teacher exact by default that same default teacher run) is
+    from (the teacher itself; with --teacher exact, --init's, by default that same default teacher run) is
     trained (or resumed) here when it is missing or unfinished. Sets args.teacher_path and args.init_path
     (recorded in the run's config; eval and ablate read them) and returns args.teacher_path."""
     path, finished = runs.teacher_checkpoint(args)
     if not finished:
-        why = "the student's initial UNet" if args.teacher == "exact" else "teacher"
-        print(f"--teacher {args.teacher}: no finished {why} at {path}; training it with teacher.py", flush=True)
+        what = "UNet for the student to start from" if args.teacher == "exact" else "teacher"
+        print(f"--teacher {args.teacher}: no finished {what} at {path}; training it with teacher.py", flush=True)
         main(auto_argv(args, os.path.dirname(path)))        # a stop here stops the method script too
     args.init_path = path
     args.teacher_path = "exact" if args.teacher == "exact" else path

@@ -1078,6 +1078,7 @@ BAD_INPUTS = [   # (script, argv, what the one-line error must name)
     ("ablate.py", ["--method", "pd", "--study", "paper", "--seeds", "0,0"], "--seeds"),
     ("ablate.py", ["--method", "pd", "--study", "paper", "--dry-run", "--", "--pres", "gmm"], "--pres"),
     ("ddil_lcm.py", ["--teacher", "exact"], "--teacher exact"),      # the smoke preset's data has no closed form
+    ("ddil_pd.py", ["--init", "some.pt"], "--init some.pt: only with --teacher exact"),
     ("eval.py", ["--teacher", "exact", "--dataset", "cifar10"], "--teacher exact"),
 ]
 
@@ -1228,6 +1229,10 @@ def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teac
         assert module.parse_args(["--preset", "gmm2"]).teacher == "exact"
         assert module.parse_args(["--preset", "gmm"]).teacher == "exact"
         assert module.parse_args(["--preset", "smoke"]).teacher == "auto"
+    # A run directory started before --init existed resumes: its settings read as the old behaviour.
+    before = {"method": "pd", "lr": 1e-3, "teacher_path": "t.pt"}
+    assert runs._settings({**before, "init": "auto", "init_path": "t.pt"}) == runs._settings(before)
+    assert runs._settings({**before, "init": "u.pt", "init_path": "u.pt"}) != runs._settings(before)
     with pytest.raises(common.UserError, match="--init /nonexistent.pt: no such checkpoint"):
         runs.teacher_checkpoint(argparse.Namespace(teacher="exact", init="/nonexistent.pt"))
     # The exact teacher is what the loss sees; the student starts from --init's weights.
