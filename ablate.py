@@ -1078,7 +1078,9 @@ def curve_budget(steps, fd, gain=0.05):
     `gain` (relative), else the largest evaluated count."""
     for s in steps:
         if 2 * s in fd and (fd[s] - fd[2 * s]) < gain * fd[s]:
-            return s, f"fd_px improves by {100 * (fd[s] - fd[2 * s]) / fd[s]:.1f} % from {s} to {2 * s} iterations"
+            change = 100 * (fd[s] - fd[2 * s]) / fd[s]
+            return s, (f"fd_px improves by {change:.1f} %" if change >= 0 else f"fd_px gets worse by {-change:.1f} %") \
+                + f" from {s} to {2 * s} iterations"
     return max(steps), f"fd_px still improved by {gain:.0%} or more at every doubling: the largest evaluated count"
 
 

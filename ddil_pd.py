@@ -66,7 +66,8 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", start_steps=64, iters=40_000, batch_size=128, lr=5e-5, warmup=0,
                     ema=0.999, guidance=1.5, log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
-# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until a learning curve (a run per
+# budget: PD anneals within each round) sets its budget.
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 

@@ -362,7 +362,7 @@ class GracefulStop:
 # "The exact benchmark"), cifar10 estimated for one H100 from FLOP counts (README). Printed, never used.
 ETA_MIN = {"smoke": dict(teacher=0.7, pd=0.5, lcm=0.5, dmd2=0.7, eval=1, first_eval=1.5),
            "gmm": dict(teacher=7, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
-           "gmm2": dict(teacher=9, pd=3, lcm=3.5, dmd2=5, eval=2, first_eval=9),   # not yet measured
+           "gmm2": dict(teacher=23, pd=5, lcm=6, dmd2=3, eval=2, first_eval=3),   # one of two 1-thread runs; pd estimated
            "cifar10": dict(teacher=60, pd=60, lcm=35, dmd2=75, eval=5, first_eval=10)}
 
 

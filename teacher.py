@@ -46,7 +46,8 @@ PRESETS = {
                     batch_size=128, lr=2e-4, ema=0.9999, warmup=1000, guidance=1.5, log_every=200,
                     save_every=5000, eval_every=0, eval_samples=10_000, sample_steps=32),
 }
-# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until learning curves set them.
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes. With --teacher exact (the default
+# there) this UNet only gives the students their initial weights; its own DDIM rows are in results/gmm2/teacher/.
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
 
 
