@@ -168,8 +168,8 @@ def test_help_shows_every_presets_value():
     r = run(["ddil_pd.py", "--help"])
     assert "(default: None)" not in r.stdout and "(preset)" not in r.stdout
     flat = " ".join(r.stdout.split())
-    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000)" in flat
-    assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100)" in flat
+    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000, gmm2 300)" in flat
+    assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100, gmm2 20)" in flat
 
 
 def test_missing_cifar10_offline_is_one_line_naming_the_ways_out(monkeypatch):
@@ -241,6 +241,13 @@ def test_end_of_step_saves_once_and_evaluates_on_schedule(monkeypatch):
     with pytest.raises(common.Stopped, match="stopped at step 14"):
         runs.end_of_step(args, 14, lambda: saves.append(14), stop, lambda: evals.append(14))
     assert saves == [4, 6, 8, 12, 14] and evals == [6, 12]
+    # --eval-at adds evaluations (a learning curve), each after its checkpoint; never at the last step (finish's).
+    saves, evals = [], []
+    args = argparse.Namespace(save_every=100, eval_every=0, eval_at=[2, 5, 14], eval_samples=50, iters=14)
+    for step in range(1, 15):
+        runs.end_of_step(args, step, lambda: saves.append(step), argparse.Namespace(requested=False),
+                         lambda: evals.append(step))
+    assert evals == [2, 5] and saves == [2, 5, 14]
 
 
 @pytest.mark.slow
@@ -1247,7 +1254,7 @@ def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teac
 def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_path, teacher_ckpt):
     out = tmp_path / "l"
     r = run(["ddil_lcm.py", "--preset", "smoke", "--dataset", "gmm2", "--init", teacher_ckpt, "--iters", "2",
-             "--eval-samples", "20", "--log-every", "1", "--eval-at", "1", "--out", str(out)])
+             "--eval-samples", "20", "--log-every", "1", "--out", str(out)])
     assert r.returncode == 0, r.stderr
     config = json.load(open(out / "config.json"))
     assert (config["teacher"], config["teacher_path"], config["init_path"]) == ("exact", "exact", teacher_ckpt)
@@ -1255,4 +1262,3 @@ def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_pa
     assert {"nll20_exact", "fd_px_struct20_exact", "teacher_mse20_exact256", "unpaired_mse20_exact256"} <= metrics.keys()
     assert len(metrics["x0_oor20"]) == 4 and "clip_student_pct" in read_log(out)[0]
     assert not any(k.startswith("teacher_mse20_ddim") for k in metrics)         # no UNet teacher to agree with
-    assert [h["step"] for h in metrics["history"]] == [1, 2]                       # --eval-at 1, then the end
