@@ -139,18 +139,12 @@ def script_args(method, flags, preset, seed, extra):
     return [f"ddil_{method}.py", "--preset", preset, "--seed", str(seed), *flags, *extra]
 
 
-# Settings added after runs were recorded, at the value that reproduces what those runs did: left out of the
-# identity at that value, so that the earlier runs keep their names and records.
-ADDED_LATER = {"init": "auto"}
-
-
 def resolved_config(method, flags, preset, seed, extra):
     """The settings a run of the grid trains with: its own script's parse_args (what --dry-run prints),
-    minus NOT_RESULT and the ADDED_LATER settings at their old behaviour."""
+    minus NOT_RESULT and the settings added later at their old behaviour (runs.ADDED_LATER)."""
     module = importlib.import_module(f"ddil_{method}")
     args = module.parse_args(script_args(method, flags, preset, seed, extra)[1:])
-    return {k: v for k, v in vars(args).items()
-            if k not in NOT_RESULT and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    return runs.without_added_later({k: v for k, v in vars(args).items() if k not in NOT_RESULT})
 
 
 def teacher_identity(config):

@@ -31,7 +31,7 @@ import common
 import gmm
 import runs
 from metrics import inception_features, metric_name
-from scoring import evaluate_generator, evaluate_images
+from scoring import evaluate_generator, evaluate_images, tally_out_of_range
 
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
 
@@ -208,12 +208,7 @@ def evaluate_exact_teacher(args, opts):
     w = 1.0 if args.guidance is None else args.guidance
     exact = gmm.ExactTeacher(args.dataset)
     times = torch.linspace(1, 0, args.steps + 1).tolist()
-    outside = [0.0] * args.steps                     # per step: pixels of x̂_0 outside [-1, 1], summed over samples
-
-    def x0_fn(z, t, y):
-        x0 = common.denoise(exact, z, t, y, w)
-        outside[times.index(t)] += float(common.out_of_range(x0)) * len(z)
-        return x0
+    x0_fn, outside = tally_out_of_range(lambda z, t, y: common.denoise(exact, z, t, y, w), times)
     generate = lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
     ckpt = dict(config=dict(dataset=args.dataset, preset=args.dataset, guidance=w, teacher_path="exact"))
     sampler = f"ddim{args.steps}" + ("" if args.guidance is None else f"-w{w:g}")

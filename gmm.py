@@ -314,6 +314,12 @@ def mixture(name="gmm", device="cpu"):
 build_mixture = mixture         # ExactTeacher's `mixture` argument shadows the function's name
 
 
+def levels(x):
+    """x quantised like an 8-bit image: round((clamp(x, -1, 1) + 1) 127.5), values 0..255 (x's dtype). Values
+    beyond +-1 saturate at 0 and 255, as a camera's do."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round()
+
+
 def dataset(n, split="train", name="gmm"):
     """uint8 [n, 3, 32, 32] exact samples of mixture `name`, quantised like images (values beyond +-1
     saturate at 0 and 255, as a camera's do), and labels [n], balanced over the 10 classes; deterministic per
@@ -322,7 +328,7 @@ def dataset(n, split="train", name="gmm"):
     y = torch.arange(n) % NUM_CLASSES
     y = y[torch.randperm(n, generator=g)]
     x = torch.cat([mixture(name).sample(y[i:i + 512], g) for i in range(0, n, 512)])
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), y
+    return levels(x).to(torch.uint8), y
 
 
 def ode_grid(steps=ODE_STEPS, log_snr=(-10.0, 10.0)):
@@ -355,7 +361,7 @@ class ExactTeacher(torch.nn.Module):
 def saturation(x):
     """Shares of a float batch x in [-1, 1] scale: pixel values beyond [-1, 1], values at 0 or 255 once
     quantised, values within 5 levels of them, and samples with any value beyond [-1, 1]."""
-    q = ((x.clamp(-1, 1) + 1) * 127.5).round()
+    q = levels(x)
     edge = torch.minimum(q, 255 - q)
     return dict(px_out=float((x.abs() > 1).double().mean()), px_at_0_255=float((edge == 0).double().mean()),
                 px_within_5=float((edge <= 5).double().mean()),
@@ -373,7 +379,7 @@ def main(argv=None):
     labels = torch.arange(args.samples) % NUM_CLASSES
     mix = mixture(args.mixture)
     x = mix.sample(labels, g)
-    q = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1                   # quantised, as eval.py scores
+    q = levels(x) / 127.5 - 1                                                # quantised, as eval.py scores
     out = mix.metrics(q, labels)
     print(f"{args.mixture}: exact samples, N = {args.samples}: " + " | ".join(f"{k} {v:.4g}" for k, v in out.items()))
     print("saturation: " + " | ".join(f"{k} {v:.4f}" for k, v in saturation(x).items()))

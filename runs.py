@@ -521,11 +521,20 @@ def _parse_line(line):
         return None
 
 
+# Settings added after runs were recorded, at the value that reproduces what those runs did: left out of a
+# run's settings at that value (its resume check here, its identity in ablate.py), so that earlier run
+# directories resume and earlier records keep their names.
+ADDED_LATER = {"init": "auto"}
+
+
+def without_added_later(settings):
+    return {k: v for k, v in settings.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+
+
 def _settings(config):
-    out = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in RESUMABLE}
-    if out.get("init") == "auto":                 # settings added later, at the value runs had before them
-        del out["init"]
-    if out.get("init_path") == out.get("teacher_path"):
+    out = without_added_later({k: v for k, v in json.loads(json.dumps(config, default=str)).items()
+                               if k not in RESUMABLE})
+    if out.get("init_path") == out.get("teacher_path"):   # resolved from init: a UNet teacher is its own init
         out.pop("init_path", None)
     return out
 

@@ -120,6 +120,19 @@ def grid_tail(grid, t):
     return [t] + [g for g in grid if g < t - 1e-9]
 
 
+def tally_out_of_range(x0_fn, times):
+    """(x0_fn wrapped, counts [K]): every call of the wrapped x0_fn at grid time times[k] adds to counts[k] the
+    number of examples' worth of x̂_0 pixels outside [-1, 1] (its share times the batch size); divide by the
+    sample count for the per-step share (x0_oor)."""
+    counts = [0.0] * (len(times) - 1)
+
+    def tallied(z, t, y):
+        x0 = x0_fn(z, t, y)
+        counts[times.index(t)] += float(common.out_of_range(x0)) * len(z)
+        return x0
+    return tallied, counts
+
+
 @torch.no_grad()
 def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_size=None, amp=nullcontext):
     """For seeds 0..n-1 (labels i mod 10): the student's samples [n, 3, 32, 32], and, for the first n_drift
@@ -129,16 +142,15 @@ def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_siz
     generate_samples."""
     x0_fn, times, stochastic = student
     batch_size = batch_size or 500           # long solves: large batches, CPU too
-    samples, lands, outside = [], [], []
+    samples, lands = [], []
+    x0_fn, outside = tally_out_of_range(x0_fn, times)
     for i in runs.progress(range(0, n, batch_size), "paired student / teacher trajectories (batches)"):
         noise, y, renoise = common.seeded_batch(range(i, min(n, i + batch_size)), device)
         states = []
 
         def recording(z, t, y):                  # z_k: the state entering step k + 1 (k = 0: the noise)
             states.append(z)
-            x0 = x0_fn(z, t, y)
-            outside.append((len(states) - 1, float(common.out_of_range(x0)) * len(z)))
-            return x0
+            return x0_fn(z, t, y)
         with amp():
             samples.append(check_finite(common.sample(recording, noise, y, times, renoise if stochastic else None),
                                         "student").float().cpu())
@@ -147,8 +159,8 @@ def paired_trajectories(student, teacher_fn, n, n_drift, device, grid, batch_siz
                 lands.append(torch.stack([common.sample(teacher_fn, z[:m], y[:m], grid_tail(grid, float(t))).float().cpu()
                                           for z, t in zip(states[1:], times[1:-1])]))
     K = len(times) - 1
-    oor = [sum(v for k, v in outside if k == step) / n for step in range(K)]
-    return torch.cat(samples), (torch.cat(lands, dim=1) if lands else torch.zeros(K - 1, 0, 3, 32, 32)), oor
+    return torch.cat(samples), (torch.cat(lands, dim=1) if lands else torch.zeros(K - 1, 0, 3, 32, 32)), \
+        [v / n for v in outside]
 
 
 @torch.no_grad()

@@ -826,20 +826,12 @@ def gaussian_teacher_fn():
     return lambda z, t, y: common.denoise(net, z, t, y, 1.5)
 
 
-@pytest.fixture(scope="module")
-def lpips_or_skip():
-    path = os.environ.get("DDIL_LPIPS_BACKBONE") or metrics.SHARED_LPIPS
-    if not os.path.isfile(path):
-        pytest.skip("no AlexNet backbone (set DDIL_LPIPS_BACKBONE)")
-    return metrics.load_lpips(path, "cpu")
-
-
-def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussian_teacher_fn, lpips_or_skip,
+def test_teacher_agreement_is_zero_for_the_teacher_and_shrinks_with_steps(gaussian_teacher_fn, lpips_fn,
                                                                            tmp_path, monkeypatch):
     monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
     n, R = 20, 32
     agree = lambda fn, K: scoring.teacher_agreement((fn, torch.linspace(1, 0, K + 1).tolist(), False),
-                                                       gaussian_teacher_fn, n, "cpu", lpips_or_skip, R, "gauss")[0]
+                                                       gaussian_teacher_fn, n, "cpu", lpips_fn, R, "gauss")[0]
     first = agree(gaussian_teacher_fn, 4)                      # computes the teacher's samples and caches them
     assert os.path.isfile(tmp_path / "teacher-samples-gauss-ddim32-n20.pt")
     assert agree(gaussian_teacher_fn, 4) == first                # the run reading the cache sees the same values
