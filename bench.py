@@ -232,7 +232,7 @@ def first_run():
         wall = time.time() - t0
     if r.returncode != 0:
         raise common.UserError(f"the first run failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-    print("\n".join(r.stdout.strip().splitlines()[-3:]))
+    print("\n".join(r.stdout.strip().splitlines()[-7:]))      # the evaluation, beside the floor and the teacher
     print(f"first run (python ddil_dmd2.py --ddil --reflected on a fresh clone, empty cache): {wall:.0f} s wall "
           f"on {machine('cpu')}")
     return wall

@@ -129,11 +129,12 @@ def preset_help(p, presets):
 def add_common_args(p, student=True):
     """Flags every script shares (DESIGN §7). Defaults of None come from the --preset."""
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=["auto", "smoke", "cifar10", "gmm", "gmm2"], default="auto",
-                   help="smoke: tiny UNet on the synthetic set, minutes on a CPU; cifar10: the single-GPU "
+    g.add_argument("--preset", choices=["auto", "quick", "smoke", "cifar10", "gmm", "gmm2"], default="auto",
+                   help="quick: the gmm2 benchmark with the exact teacher, briefly: a first run of minutes on a CPU "
+                        "whose numbers are read against the floor and the exact teacher; smoke: tiny UNet on the "
+                        "synthetic set, the CIFAR-10 code path in minutes on a CPU; cifar10: the single-GPU "
                         "configuration; gmm, gmm2: the exact benchmarks (--dataset gmm / gmm2, gmm.py) sized for 2 "
-                        "CPU cores; "
-                        "auto: cifar10 when CUDA is present, else smoke")
+                        "CPU cores; auto: cifar10 when CUDA is present, else quick")
     g.add_argument("--dataset", choices=["cifar10", "synthetic", "gmm", "gmm2"], default=None,
                    help="training data: cifar10, synthetic (procedural shapes), gmm / gmm2 (the exact benchmarks' "
                         "Gaussian mixtures, gmm.py) (preset); ignored when --data-dir is given")
@@ -269,7 +270,7 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
     cuda = torch.cuda.is_available()
     args.device = check_device(args.device)
     if args.preset == "auto":
-        args.preset, args.preset_reason = ("cifar10", "auto: CUDA present") if cuda else ("smoke", "auto: no CUDA")
+        args.preset, args.preset_reason = ("cifar10", "auto: CUDA present") if cuda else ("quick", "auto: no CUDA")
     else:
         args.preset_reason = "--preset"
     for k, v in presets[args.preset].items():
@@ -303,7 +304,8 @@ def resolve(p, args, method, presets, default_source=None, sample_clip=False):
 
 # Preset values of the DDIL flags that every method shares (each script holds its other preset values).
 DDIL_PRESETS = {"smoke": dict(rollout_chunk=4, max_age=20), "cifar10": dict(rollout_chunk=256, max_age=100),
-                "gmm": dict(rollout_chunk=16, max_age=20), "gmm2": dict(rollout_chunk=16, max_age=20)}
+                "gmm": dict(rollout_chunk=16, max_age=20), "gmm2": dict(rollout_chunk=16, max_age=20),
+                "quick": dict(rollout_chunk=16, max_age=20)}
 
 
 def _resolve_ddil(args, default_source, sample_clip):

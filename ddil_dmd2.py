@@ -78,6 +78,9 @@ PRESETS = {
 # gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes; the budget its baseline's learning
 # curve gives by results/gmm2's pre-registered rule is the same 100 iterations (results/gmm2/curves/curves-dmd2.md).
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
+# quick: the first run on a CPU (--preset auto without CUDA): gmm2 with the exact teacher, briefly; it ends by
+# printing its exact metrics beside the floor and the exact teacher's DDIM at the same step count.
+PRESETS["quick"] = dict(PRESETS["gmm2"], iters=30, log_every=5, save_every=15, eval_samples=200)
 
 
 def parse_args(argv=None):

@@ -62,6 +62,8 @@ PRESETS = {
 # gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, but for the budget its baseline's
 # learning curve gives by results/gmm2's pre-registered rule (results/gmm2/curves/curves-lcm.md: 400 iterations).
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2", iters=400)
+# quick: the first run on a CPU (--preset auto without CUDA): gmm2 with the exact teacher, briefly.
+PRESETS["quick"] = dict(PRESETS["gmm2"], iters=100, log_every=10, save_every=50, eval_samples=200)
 
 
 def parse_args(argv=None):

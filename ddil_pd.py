@@ -69,6 +69,8 @@ PRESETS = {
 # gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, until a learning curve (a run per
 # budget: PD anneals within each round) sets its budget.
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
+# quick: the first run on a CPU (--preset auto without CUDA): gmm2 with the exact teacher, briefly.
+PRESETS["quick"] = dict(PRESETS["gmm2"], iters=100, log_every=10, save_every=50, eval_samples=200)
 
 
 def parse_args(argv=None):

@@ -31,7 +31,7 @@ import common
 import gmm
 import runs
 from metrics import inception_features, metric_name
-from scoring import evaluate_generator, evaluate_images, tally_out_of_range
+from scoring import evaluate_generator, evaluate_images, exact_ddim, tally_out_of_range
 
 METHOD_MODULES = {"teacher": "teacher", "pd": "ddil_pd", "lcm": "ddil_lcm", "dmd2": "ddil_dmd2"}
 
@@ -206,9 +206,8 @@ def evaluate_exact_teacher(args, opts):
     if args.dataset not in gmm.MIXTURES:
         raise common.UserError(f"--teacher exact needs a mixture data set: --dataset {' or '.join(gmm.MIXTURES)}")
     w = 1.0 if args.guidance is None else args.guidance
-    exact = gmm.ExactTeacher(args.dataset)
-    times = torch.linspace(1, 0, args.steps + 1).tolist()
-    x0_fn, outside = tally_out_of_range(lambda z, t, y: common.denoise(exact, z, t, y, w), times)
+    x0_fn, times = exact_ddim(args.dataset, args.steps, w)
+    x0_fn, outside = tally_out_of_range(x0_fn, times)
     generate = lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
     ckpt = dict(config=dict(dataset=args.dataset, preset=args.dataset, guidance=w, teacher_path="exact"))
     sampler = f"ddim{args.steps}" + ("" if args.guidance is None else f"-w{w:g}")

@@ -84,6 +84,9 @@ def image_folder(path, split="train", limit=None):
     return np.stack(images).transpose(0, 3, 1, 2).copy(), labels
 
 
+_MIXTURE_SETS = {}
+
+
 def load_images(dataset, data_dir=None, split="train", limit=None):
     """uint8 [N, 3, 32, 32] and labels [N] as torch tensors on the CPU (DESIGN §8)."""
     if data_dir:
@@ -93,7 +96,9 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
     elif dataset == "synthetic":
         x, y = synthetic_dataset(5000 if split == "train" else 1000, seed=0 if split == "train" else 1)
     elif dataset in gmm.MIXTURES:   # an exact benchmark's mixture (gmm.py), sampled once, quantised like images
-        x, y = (v.numpy() for v in gmm.dataset(50_000 if split == "train" else 10_000, split, dataset))
+        if (dataset, split) not in _MIXTURE_SETS:      # once per process: a teacher trained on the way reuses it
+            _MIXTURE_SETS[dataset, split] = gmm.dataset(50_000 if split == "train" else 10_000, split, dataset)
+        x, y = (v.numpy() for v in _MIXTURE_SETS[dataset, split])
     elif dataset == "cifar10":
         import torchvision
         root = os.environ.get("DDIL_CIFAR_ROOT", "data")
@@ -363,6 +368,7 @@ class GracefulStop:
 ETA_MIN = {"smoke": dict(teacher=0.7, pd=0.5, lcm=0.5, dmd2=0.7, eval=1, first_eval=1.5),
            "gmm": dict(teacher=7, pd=2, lcm=2.5, dmd2=3.5, eval=1.5, first_eval=7),
            "gmm2": dict(teacher=23, pd=5, lcm=6, dmd2=3, eval=2, first_eval=3),   # one of two 1-thread runs; pd estimated
+           "quick": dict(teacher=1, pd=1, lcm=1, dmd2=1, eval=0.5, first_eval=1),
            "cifar10": dict(teacher=60, pd=60, lcm=35, dmd2=75, eval=5, first_eval=10)}
 
 

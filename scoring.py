@@ -30,7 +30,7 @@ DRIFT_SAMPLES = 1000                             # samples of the drift metric (
 
 # Sample count of a run whose config asks for none (a teacher trains without evaluating itself): eval.py
 # then scores it at the count its students evaluate at (their presets' --eval-samples; a test keeps them equal).
-DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000, "gmm": 1000, "gmm2": 1000}
+DEFAULT_SAMPLES = {"smoke": 100, "cifar10": 10_000, "gmm": 1000, "gmm2": 1000, "quick": 200}
 REF_LIMIT = {"smoke": 200}                       # FID reference subset per preset (absent: the whole set)
 
 
@@ -105,6 +105,53 @@ def score_exact(images, labels, device, lpips_backbone=None, mixture="gmm"):
     info = dict(reference=dict(name="exact", mixture="gmm.py seed 0" if mixture == "gmm" else f"gmm.py {mixture}"), time_s=times,
                 skipped={metric_name("lpips_div", n): why} if why else {})
     return metrics, info
+
+
+def exact_ddim(dataset, steps, guidance=1.0):
+    """The exact teacher's DDIM sampler on a mixture data set, `steps` uniform steps: (x0_fn, times) for
+    common.sample. eval.py's reference rows and `exact_context` use it."""
+    exact = gmm.ExactTeacher(dataset)
+    return (lambda z, t, y: common.denoise(exact, z, t, y, guidance)), torch.linspace(1, 0, steps + 1).tolist()
+
+
+CONTEXT_METRICS = ("nll", "class_post", "mode_tv", "fd_px", "fd_px_struct")
+
+
+def exact_context(dataset, steps, n, guidance=1.0, device="cpu"):
+    """The two rows a student on a mixture data set is read against, scored like it (n samples, label i mod
+    10): exact samples (`python gmm.py --samples n`: each metric's floor) and the exact teacher's own DDIM with
+    the student's step count (`python eval.py --teacher exact --steps K`). {row: exact metrics}, computed
+    once (seconds) and cached."""
+    path = os.path.join(cache_dir(), f"exact-context-{dataset}-ddim{steps}-w{guidance:g}-n{n}.json")
+    if os.path.isfile(path):
+        return runs.read_json(path)
+    mix, labels = gmm.mixture(dataset), torch.arange(n) % gmm.NUM_CLASSES
+    floor = gmm.levels(mix.sample(labels, torch.Generator().manual_seed(0))).to(torch.uint8)   # as `gmm.py` scores it
+    x0_fn, times = exact_ddim(dataset, steps, guidance)
+    ddim, ddim_labels = generate_samples(lambda noise, y, renoise=None: common.sample(x0_fn, noise, y, times), n,
+                                         device, progress=False)
+    rows = {"exact samples (the floor)": score_exact(floor, labels, device, mixture=dataset)[0],
+            f"exact teacher, DDIM {steps}": score_exact(ddim, ddim_labels, device, mixture=dataset)[0]}
+    rows = {row: {k: v for k, v in m.items() if not k.startswith("lpips")} for row, m in rows.items()}
+    tmp = f"{path}.{os.getpid()}.tmp"          # two runs of a grid may fill it at once: each writes whole
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(tmp, path)
+    return rows
+
+
+def print_exact_context(cfg, metrics, n, device="cpu"):
+    """After a student's evaluation on a mixture data set: its exact metrics beside the floor and the exact
+    teacher's DDIM at the same step count, the two rows that say what its numbers mean."""
+    rows = exact_context(cfg["dataset"], cfg["steps"], n, cfg.get("guidance", 1.0), device)
+    rows[f"this run ({cfg['steps']} steps)"] = metrics
+    names = [metric_name(k, n, "exact") for k in CONTEXT_METRICS]
+    width = max(map(len, rows)) + 2
+    print(f"the run beside the exact benchmark's references ({cfg['dataset']}, N = {n}, seeds 0-{n - 1}; "
+          f"lower is better except class_post):")
+    print(" " * width + "".join(f"{k:>14}" for k in CONTEXT_METRICS))
+    for row, m in rows.items():
+        print(f"{row:<{width}}" + "".join(f"{m[k]:>14.4g}" if k in m else f"{'-':>14}" for k in names))
 
 
 # --- Teacher agreement and per-step drift: paired against the teacher on the same noise ---
@@ -234,6 +281,11 @@ def optional_lpips(backbone, device):
         return None, f"{e}"
 
 
+def sample_count(cfg, n_samples=None):
+    """The evaluation's sample count: as asked, else the run's --eval-samples, else its preset's default."""
+    return n_samples or cfg.get("eval_samples") or DEFAULT_SAMPLES.get(cfg.get("preset"), 10_000)
+
+
 def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device=None, ref_limit=None,
                        classifier=None, lpips_backbone=None, batch_size=None, progress=True, label=None,
                        agreement=None, ref_steps=None, extra=None):
@@ -245,7 +297,7 @@ def evaluate_generator(generate, ckpt, out_path, sampler, n_samples=None, device
     cfg = ckpt["config"]
     device = device or default_device()
     preset = cfg.get("preset")
-    n = n_samples or cfg.get("eval_samples") or DEFAULT_SAMPLES.get(preset, 10_000)
+    n = sample_count(cfg, n_samples)
     ref_steps = ref_steps or PRESET_REF_STEPS.get(preset, REF_STEPS)
     ref_limit = REF_LIMIT.get(preset) if ref_limit is None else ref_limit
     classifier = classifier or ("tiny" if preset == "smoke" else "airbench")
@@ -327,8 +379,12 @@ def evaluate_checkpoint(run_dir, make_generator, make_student=None, n_samples=No
     ckpt = runs.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), device)
     if make_student is not None:
         options.setdefault("agreement", run_agreement(make_student, ckpt, device))
-    return evaluate_generator(make_generator(ckpt, device), ckpt, os.path.join(run_dir, "metrics.json"),
-                              sampler or ckpt["config"].get("method"), n_samples, device, label=run_dir, **options)
+    metrics = evaluate_generator(make_generator(ckpt, device), ckpt, os.path.join(run_dir, "metrics.json"),
+                                 sampler or ckpt["config"].get("method"), n_samples, device, label=run_dir, **options)
+    cfg = ckpt["config"]
+    if cfg["dataset"] in gmm.MIXTURES and "steps" in cfg:
+        print_exact_context(cfg, metrics, sample_count(cfg, n_samples), device)
+    return metrics
 
 
 def prepare_shared(cfg, device=None, progress=True):
@@ -336,7 +392,7 @@ def prepare_shared(cfg, device=None, progress=True):
     cache when it is evaluated: the FID reference statistics and the classifier of its training set, and its
     teachers' reference samples. Grids call it before fanning out, so parallel runs never race to make them."""
     device = device or default_device()
-    preset, n = cfg.get("preset"), cfg.get("eval_samples") or DEFAULT_SAMPLES.get(cfg.get("preset"), 10_000)
+    preset, n = cfg.get("preset"), sample_count(cfg)
     ref_steps = PRESET_REF_STEPS.get(preset, REF_STEPS)
     amp = lambda: runs.autocast(SimpleNamespace(amp=cfg.get("amp", "none"), device=str(device)))
     with torch.random.fork_rng():

@@ -49,6 +49,10 @@ PRESETS = {
 # gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes. With --teacher exact (the default
 # there) this UNet only gives the students their initial weights; its own DDIM rows are in results/gmm2/teacher/.
 PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2")
+# quick: the first run on a CPU (--preset auto without CUDA): the gmm2 UNet trained briefly, as the students' start
+# (their teacher is the exact one), so that the whole first run takes minutes.
+PRESETS["quick"] = dict(PRESETS["gmm2"], iters=300, batch_size=32, lr=2e-3, ema=0.99, warmup=20, log_every=50,
+                        save_every=200, sample_steps=16)
 
 
 def parse_args(argv=None):

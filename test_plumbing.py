@@ -168,8 +168,8 @@ def test_help_shows_every_presets_value():
     r = run(["ddil_pd.py", "--help"])
     assert "(default: None)" not in r.stdout and "(preset)" not in r.stdout
     flat = " ".join(r.stdout.split())
-    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000, gmm2 300)" in flat
-    assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100, gmm2 20)" in flat
+    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000, gmm2 300, quick 100)" in flat
+    assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100, gmm2 20, quick 20)" in flat
 
 
 def test_missing_cifar10_offline_is_one_line_naming_the_ways_out(monkeypatch):
@@ -1250,6 +1250,37 @@ def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teac
     assert torch.equal(init["nets"]["ema"]["conv_in.weight"], runs.load_checkpoint(teacher_ckpt)["nets"]["ema"]["conv_in.weight"])
 
 
+def test_without_cuda_auto_is_the_quick_mixture_run_with_the_exact_teacher(monkeypatch):
+    import teacher
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for module in (ddil_pd, lcm, ddil_dmd2):
+        args = module.parse_args([])
+        assert (args.preset, args.preset_reason, args.dataset, args.teacher) == ("quick", "auto: no CUDA", "gmm2", "exact")
+        assert args.eval_samples == scoring.DEFAULT_SAMPLES["quick"]
+    init = teacher.parse_args([])
+    assert (init.preset, init.dataset, init.hflip) == ("quick", "gmm2", False)
+
+
+def test_exact_context_rows_are_the_floor_and_the_exact_teachers_ddim(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    rows = scoring.exact_context("gmm2", 2, 20)
+    # Written out: the floor is `python gmm.py --mixture gmm2 --samples 20`, the DDIM row the exact denoiser's
+    # two DDIM steps from the seeded noise of sample i, both quantised to 8 bits.
+    mix, labels = gmm.mixture("gmm2"), torch.arange(20) % 10
+    floor = gmm.main(["--mixture", "gmm2", "--samples", "20"])
+    exact = gmm.ExactTeacher("gmm2")
+    noise, y, _ = common.seeded_batch(range(20), "cpu")
+    x = common.sample(lambda z, t, y: common.denoise(exact, z, t, y, 1.0), noise, y, [1.0, 0.5, 0.0])
+    ddim = mix.metrics(gmm.levels(x) / 127.5 - 1, y)
+    for row, want in (("exact samples (the floor)", floor), ("exact teacher, DDIM 2", ddim)):
+        got = rows[row]
+        for k in scoring.CONTEXT_METRICS:
+            assert got[metrics.metric_name(k, 20, "exact")] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (row, k)
+    assert torch.equal(y, labels)
+    assert scoring.exact_context("gmm2", 2, 20) == rows                     # cached: read back, not recomputed
+    assert [p.name for p in tmp_path.iterdir()] == ["exact-context-gmm2-ddim2-w1-n20.json"]
+
+
 @pytest.mark.slow
 def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_path, teacher_ckpt):
     out = tmp_path / "l"
@@ -1262,3 +1293,8 @@ def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_pa
     assert {"nll20_exact", "fd_px_struct20_exact", "teacher_mse20_exact256", "unpaired_mse20_exact256"} <= metrics.keys()
     assert len(metrics["x0_oor20"]) == 4 and "clip_student_pct" in read_log(out)[0]
     assert not any(k.startswith("teacher_mse20_ddim") for k in metrics)         # no UNet teacher to agree with
+    # It ends beside the floor and the exact teacher's DDIM at its own step count, its own row from metrics.json.
+    table = r.stdout[r.stdout.index("the run beside the exact benchmark's references (gmm2, N = 20"):].splitlines()
+    assert [line.split("  ")[0] for line in table[2:5]] == ["exact samples (the floor)", "exact teacher, DDIM 4",
+                                                           "this run (4 steps)"]
+    assert f"{metrics['fd_px20_exact']:.4g}" == table[4].split()[-2]
