@@ -59,9 +59,11 @@ PRESETS = {
     "cifar10": dict(dataset="cifar10", iters=20_000, batch_size=128, lr=2e-4, ema=0.999, warmup=500, guidance=1.5,
                     log_every=200, save_every=2000, eval_every=0, eval_samples=10_000),
 }
-# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, but for the budget its baseline's
-# learning curve gives by results/gmm2's pre-registered rule (results/gmm2/curves/curves-lcm.md: 400 iterations).
-PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2", iters=400)
+# gmm2: the second exact benchmark (gmm.py MIXTURES) with the first one's sizes, but for the learning rate and the
+# budget, chosen on its baseline's learning curves alone (results/gmm2/README.md, "Learning curves"): at the gmm
+# preset's 5e-4 the student drifts from the exact teacher; at 1e-4 fd_px improves to 400 iterations and is flat
+# (within 5 %) from 400 to 800, the pre-registered rule's budget.
+PRESETS["gmm2"] = dict(PRESETS["gmm"], dataset="gmm2", iters=400, lr=1e-4)
 # quick: the first run on a CPU (--preset auto without CUDA): gmm2 with the exact teacher, briefly.
 PRESETS["quick"] = dict(PRESETS["gmm2"], iters=100, log_every=10, save_every=50, eval_samples=200)
 
