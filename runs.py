@@ -161,6 +161,10 @@ def load_networks(args, device):
     args.teacher_path is "exact") and the checkpoint of the UNet its student starts from (args.init_path:
     the teacher itself, or with the exact teacher --init's UNet). Both paths are set by teacher.ensure_teacher."""
     net, init = load_teacher(args.init_path, device, "--init" if args.teacher_path == "exact" else "--teacher")
+    if args.dataset in gmm.MIXTURES and init["config"].get("hflip"):
+        print(f"warning: {args.init_path} was trained with horizontal flips, but {args.dataset} is not mirror-symmetric: "
+              "that UNet learned the flip-symmetrised mixture (teacher.py no longer flips mixture data; retrain it "
+              "without --hflip)", flush=True)
     if args.teacher_path == "exact":
         return gmm.ExactTeacher(args.dataset, gmm.mixture(args.dataset, device)), init
     return net, init

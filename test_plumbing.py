@@ -1228,7 +1228,7 @@ def test_the_teacher_evaluates_itself_at_the_end_with_its_own_sampler(tmp_path, 
     assert seen == [(str(tmp_path), 4, "ddim2", None, (2, 3, 32, 32))]
 
 
-def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teacher(tmp_path, teacher_ckpt):
+def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teacher(tmp_path, teacher_ckpt, capsys):
     import teacher
     assert [teacher.parse_args(["--preset", p]).hflip for p in ("smoke", "gmm", "gmm2")] == [True, False, False]
     assert teacher.parse_args(["--preset", "gmm2", "--hflip"]).hflip is True
@@ -1247,6 +1247,9 @@ def test_mixture_teachers_do_not_flip_and_mixture_students_distil_the_exact_teac
                               dataset="gmm2")
     net, init = runs.load_networks(args, "cpu")
     assert isinstance(net, gmm.ExactTeacher) and net.mixture is gmm.mixture("gmm2")
+    # The smoke teacher was trained with flips: as the init of a mixture run it is named as such.
+    assert runs.load_checkpoint(teacher_ckpt)["config"]["hflip"] is True
+    assert f"warning: {teacher_ckpt} was trained with horizontal flips, but gmm2" in capsys.readouterr().out
     assert torch.equal(init["nets"]["ema"]["conv_in.weight"], runs.load_checkpoint(teacher_ckpt)["nets"]["ema"]["conv_in.weight"])
 
 
