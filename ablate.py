@@ -42,6 +42,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -250,6 +251,34 @@ def write_json(path, data):
     with open(path + ".tmp", "w") as f:          # atomic, like every file a run leaves
         json.dump(data, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+
+
+def recorded_seeds(results):
+    """--seeds recorded: every seed with a record in <results>/records (run directories end in -s<seed>)."""
+    folder = os.path.join(results, "records")
+    seeds = sorted({int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                    if (m := re.search(r"-s(\d+)$", name))})
+    if not seeds:
+        raise common.UserError(f"--seeds recorded: no records in {folder}")
+    return seeds
+
+
+def recorded_rows(tables, results):
+    """--seeds recorded: each table keeps the rows that have records, on the seeds all of them have (every
+    delta is paired by seed); a table whose reference row has none is left out. Says what it leaves out."""
+    kept = {}
+    for (study, method), rows in tables.items():
+        done = {setting: {s: run for s, run in by_seed.items() if is_done(run, results)} for setting, by_seed in rows}
+        done = {setting: by_seed for setting, by_seed in done.items() if by_seed}
+        seeds = sorted(set.intersection(*map(set, done.values()))) if done else []
+        ref, missing = reference(study, method), [setting for setting, _ in rows if setting not in done]
+        if ref not in done or not seeds:
+            print(f"{study}-{method}: no table (its reference row {ref} has no records, or its rows no seed in common)")
+            continue
+        kept[(study, method)] = [(setting, {s: by_seed[s] for s in seeds}) for setting, by_seed in done.items()]
+        print(f"{study}-{method}: rows {', '.join(done)} on seeds {','.join(map(str, seeds))}"
+              + (f"; not recorded yet: {', '.join(missing)}" if missing else ""))
+    return kept
 
 
 def is_done(run, results):
@@ -899,7 +928,10 @@ def parse_args(argv=None):
                    help="grid(s): priors, threshold, paper, a comma-separated list, or all")
     p.add_argument("--preset", choices=("auto",) + PRESETS, default="auto",
                    help="preset of every run (auto: cifar10 with CUDA, else smoke)")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated training seeds, e.g. 0,1,2; with --tables also 'recorded': each table on "
+                        "the rows that have records and the seeds they all have (a grid in progress, or several "
+                        "methods and studies in one command)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="ROW,...",
                    help="only these rows of the study (e.g. baseline,ddil); the tables then show only them")
     p.add_argument("--runs", default=os.path.join("runs", "ablate"),
@@ -949,8 +981,11 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.recorded = args.seeds == "recorded"
+    if args.recorded and not args.tables:
+        p.error("argument --seeds: 'recorded' reads the seeds from the records: only with --tables")
     try:
-        args.seeds = [cli.seed_int(s) for s in args.seeds.split(",")]
+        args.seeds = recorded_seeds(args.results) if args.recorded else [cli.seed_int(s) for s in args.seeds.split(",")]
     except argparse.ArgumentTypeError:
         p.error(f"argument --seeds: {args.seeds!r} is not a comma-separated list of seeds (integers >= 0)")
     if len(set(args.seeds)) != len(args.seeds):
@@ -981,7 +1016,10 @@ def main(argv=None):
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
     # On a SLURM cluster the submitting machine (a login node) trains nothing: a first job does (PrepareJob).
     on_cluster = args.launcher == "slurm" and args.cluster == "slurm" and not args.in_job
-    if args.tables:
+    if args.recorded:
+        tables = recorded_rows(tables, args.results)
+        runs = [run for run in runs if is_done(run, args.results)]
+    elif args.tables:
         missing = [run for run in runs if not is_done(run, args.results)]     # with no recorded teacher: no record
         if missing:
             raise common.UserError(f"--tables: {len(missing)} of {len(runs)} runs have no record in {args.results}, "
@@ -1055,7 +1093,8 @@ def main(argv=None):
         check_complete(results, rows, study, method, args.results)
         summary, cols = summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
-        write_outputs(summary, cols, study, method, args.preset, ref, args.seeds, configs, args.results)
+        seeds = list(rows[0][1])                         # args.seeds, or with --seeds recorded the table's own
+        write_outputs(summary, cols, study, method, args.preset, ref, seeds, configs, args.results)
         if study == "paper" and args.shift_samples:
             write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,
                         args.shift_samples, args.device)

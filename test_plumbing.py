@@ -831,8 +831,18 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
             *[a if a != teacher_ckpt else str(tmp_path / "gone.pt") for a in extra]]
     ablate.main(argv)
     assert open(tmp_path / "results" / "paper-lcm.md").read() == table
+    # --seeds recorded on a grid in progress (no reflected-ddil record yet): the table of the recorded rows.
+    for run in runs:
+        if "paper:reflected-ddil" in run.settings:
+            shutil.move(tmp_path / "results" / "records" / run.name, tmp_path / run.name)
+    ablate.main([a if a != "0,1" else "recorded" for a in argv])
+    partial = open(tmp_path / "results" / "paper-lcm.md").read()
+    ablate.main(["--only", "baseline,ddil"] + argv)
+    assert partial == open(tmp_path / "results" / "paper-lcm.md").read() and "reflected-ddil" not in partial
+    with pytest.raises(SystemExit):                       # it reads records: a grid to train has no "recorded" seeds
+        ablate.main([a if a != "0,1" else "recorded" for a in argv if a != "--tables"])
     shutil.rmtree(tmp_path / "results" / "records" / runs[0].name)
-    with pytest.raises(common.UserError, match="1 of 6 runs have no record"):
+    with pytest.raises(common.UserError, match="3 of 6 runs have no record"):   # reflected-ddil moved away, and one more
         ablate.main(argv)
 
 
