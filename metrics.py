@@ -84,10 +84,7 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cache_dir():
-    path = os.environ.get("DDIL_CACHE") or os.path.join(REPO, "cache")
-    os.makedirs(path, exist_ok=True)
-    return path
+cache_dir = runs.cache_dir
 
 
 def _sha(*arrays):

@@ -2,6 +2,7 @@
 and RNG state, atomic checkpoints and resume, signals, the run directory (lock, config.json, name),
 logging and progress, and what happens at the end of a step and of a run. No maths of any method."""
 
+import hashlib
 import json
 import math
 import os
@@ -84,7 +85,35 @@ def image_folder(path, split="train", limit=None):
     return np.stack(images).transpose(0, 3, 1, 2).copy(), labels
 
 
+def cache_dir():
+    """Where computed data sets, reference statistics and teacher samples are kept: $DDIL_CACHE, else cache/."""
+    path = os.environ.get("DDIL_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 _MIXTURE_SETS = {}
+
+
+def mixture_set(dataset, split):
+    """An exact benchmark's data set (`gmm.dataset`: 50,000 train / 10,000 test samples, quantised), made once:
+    kept for the process (a teacher trained on the way reuses it) and cached under the hash of gmm.py, so
+    that an edit of the mixtures' code makes a new one. numpy uint8 [N, 3, 32, 32] and labels [N]."""
+    if (dataset, split) not in _MIXTURE_SETS:
+        n = 50_000 if split == "train" else 10_000
+        with open(gmm.__file__, "rb") as f:
+            code = hashlib.sha256(f.read()).hexdigest()[:12]
+        path = os.path.join(cache_dir(), f"mixture-{dataset}-{split}-n{n}-{code}.npz")
+        if os.path.isfile(path):
+            with np.load(path) as f:
+                x, y = f["x"], f["y"]
+        else:
+            x, y = (v.numpy() for v in gmm.dataset(n, split, dataset))
+            tmp = f"{path}.{os.getpid()}.tmp.npz"          # two runs of a grid may make it at once: each writes whole
+            np.savez(tmp, x=x, y=y)
+            os.replace(tmp, path)
+        _MIXTURE_SETS[dataset, split] = x, y
+    return _MIXTURE_SETS[dataset, split]
 
 
 def load_images(dataset, data_dir=None, split="train", limit=None):
@@ -96,9 +125,7 @@ def load_images(dataset, data_dir=None, split="train", limit=None):
     elif dataset == "synthetic":
         x, y = synthetic_dataset(5000 if split == "train" else 1000, seed=0 if split == "train" else 1)
     elif dataset in gmm.MIXTURES:   # an exact benchmark's mixture (gmm.py), sampled once, quantised like images
-        if (dataset, split) not in _MIXTURE_SETS:      # once per process: a teacher trained on the way reuses it
-            _MIXTURE_SETS[dataset, split] = gmm.dataset(50_000 if split == "train" else 10_000, split, dataset)
-        x, y = (v.numpy() for v in _MIXTURE_SETS[dataset, split])
+        x, y = mixture_set(dataset, split)
     elif dataset == "cifar10":
         import torchvision
         root = os.environ.get("DDIL_CIFAR_ROOT", "data")

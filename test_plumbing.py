@@ -1274,6 +1274,20 @@ def test_without_cuda_auto_is_the_quick_mixture_run_with_the_exact_teacher(monke
     assert (init.preset, init.dataset, init.hflip) == ("quick", "gmm2", False)
 
 
+def test_a_mixture_data_set_is_sampled_once_and_read_back_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
+    monkeypatch.setattr(runs, "_MIXTURE_SETS", {})
+    x, y = runs.load_images("gmm", split="test")
+    want_x, want_y = gmm.dataset(10_000, "test", "gmm")
+    assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    (cached,) = tmp_path.iterdir()
+    assert cached.name.startswith("mixture-gmm-test-n10000-")
+    runs._MIXTURE_SETS.clear()                                     # a new process: read from the cache
+    monkeypatch.setattr(gmm, "dataset", lambda *a: pytest.fail("sampled again"))
+    x2, y2 = runs.load_images("gmm", split="test", limit=100)
+    assert torch.equal(x2, want_x[:100]) and torch.equal(y2, want_y[:100])
+
+
 def test_exact_context_rows_are_the_floor_and_the_exact_teachers_ddim(tmp_path, monkeypatch):
     monkeypatch.setenv("DDIL_CACHE", str(tmp_path))
     rows = scoring.exact_context("gmm2", 2, 20)
