@@ -1019,6 +1019,9 @@ def main(argv=None):
     if args.recorded:
         tables = recorded_rows(tables, args.results)
         runs = [run for run in runs if is_done(run, args.results)]
+        if not tables:
+            raise common.UserError(f"--seeds recorded: no table of {','.join(args.method)} × {','.join(args.study)} "
+                                   f"has records of its reference row in {args.results}")
     elif args.tables:
         missing = [run for run in runs if not is_done(run, args.results)]     # with no recorded teacher: no record
         if missing:
@@ -1093,7 +1096,7 @@ def main(argv=None):
         check_complete(results, rows, study, method, args.results)
         summary, cols = summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
-        seeds = list(rows[0][1])                         # args.seeds, or with --seeds recorded the table's own
+        seeds = list(rows[0][1]) if args.recorded else args.seeds     # --seeds recorded: the table's own
         write_outputs(summary, cols, study, method, args.preset, ref, seeds, configs, args.results)
         if study == "paper" and args.shift_samples:
             write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,

@@ -232,7 +232,8 @@ def first_run():
         wall = time.time() - t0
     if r.returncode != 0:
         raise common.UserError(f"the first run failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-    print("\n".join(r.stdout.strip().splitlines()[-7:]))      # the evaluation, beside the floor and the teacher
+    lines = r.stdout.strip().splitlines()
+    print("\n".join(lines[max((i for i, l in enumerate(lines) if l.startswith("eval ")), default=len(lines) - 3):]))
     print(f"first run (python ddil_dmd2.py --ddil --reflected on a fresh clone, empty cache): {wall:.0f} s wall "
           f"on {machine('cpu')}")
     return wall

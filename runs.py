@@ -92,6 +92,15 @@ def cache_dir():
     return path
 
 
+def code_sha(*modules):
+    """12 hex digits of the modules' source: a cache key that changes with any edit of the code that made it."""
+    h = hashlib.sha256()
+    for m in modules:
+        with open(m.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 _MIXTURE_SETS = {}
 
 
@@ -101,9 +110,7 @@ def mixture_set(dataset, split):
     that an edit of the mixtures' code makes a new one. numpy uint8 [N, 3, 32, 32] and labels [N]."""
     if (dataset, split) not in _MIXTURE_SETS:
         n = 50_000 if split == "train" else 10_000
-        with open(gmm.__file__, "rb") as f:
-            code = hashlib.sha256(f.read()).hexdigest()[:12]
-        path = os.path.join(cache_dir(), f"mixture-{dataset}-{split}-n{n}-{code}.npz")
+        path = os.path.join(cache_dir(), f"mixture-{dataset}-{split}-n{n}-{code_sha(gmm)}.npz")
         if os.path.isfile(path):
             with np.load(path) as f:
                 x, y = f["x"], f["y"]

@@ -119,10 +119,11 @@ CONTEXT_METRICS = ("nll", "class_post", "mode_tv", "fd_px", "fd_px_struct")
 
 def exact_context(dataset, steps, n, guidance=1.0, device="cpu"):
     """The two rows a student on a mixture data set is read against, scored like it (n samples, label i mod
-    10): exact samples (`python gmm.py --samples n`: each metric's floor) and the exact teacher's own DDIM with
-    the student's step count (`python eval.py --teacher exact --steps K`). {row: exact metrics}, computed
+    10): exact samples (`python gmm.py --mixture D --samples n`: each metric's floor) and the exact teacher's own
+    DDIM with the student's step count (`python eval.py --teacher exact --dataset D --steps K`, seeds 0..n-1). {row: exact metrics}, computed
     once (seconds) and cached."""
-    path = os.path.join(cache_dir(), f"exact-context-{dataset}-ddim{steps}-w{guidance:g}-n{n}.json")
+    path = os.path.join(cache_dir(), f"exact-context-{dataset}-ddim{steps}-w{guidance:g}-n{n}-"
+                                     f"{runs.code_sha(gmm, common)}.json")      # the mixture, its metrics, DDIM
     if os.path.isfile(path):
         return runs.read_json(path)
     mix, labels = gmm.mixture(dataset), torch.arange(n) % gmm.NUM_CLASSES
@@ -131,7 +132,8 @@ def exact_context(dataset, steps, n, guidance=1.0, device="cpu"):
     ddim, ddim_labels = generate_samples(lambda noise, y, renoise=None: common.sample(x0_fn, noise, y, times), n,
                                          device, progress=False)
     rows = {"exact samples (the floor)": score_exact(floor, labels, device, mixture=dataset)[0],
-            f"exact teacher, DDIM {steps}": score_exact(ddim, ddim_labels, device, mixture=dataset)[0]}
+            f"exact teacher, DDIM {steps}" + (f", w {guidance:g}" if guidance != 1 else ""):
+                score_exact(ddim, ddim_labels, device, mixture=dataset)[0]}
     rows = {row: {k: v for k, v in m.items() if not k.startswith("lpips")} for row, m in rows.items()}
     tmp = f"{path}.{os.getpid()}.tmp"          # two runs of a grid may fill it at once: each writes whole
     with open(tmp, "w") as f:
@@ -147,7 +149,7 @@ def print_exact_context(cfg, metrics, n, device="cpu"):
     rows[f"this run ({cfg['steps']} steps)"] = metrics
     names = [metric_name(k, n, "exact") for k in CONTEXT_METRICS]
     width = max(map(len, rows)) + 2
-    print(f"the run beside the exact benchmark's references ({cfg['dataset']}, N = {n}, seeds 0-{n - 1}; "
+    print(f"the run beside the exact benchmark's references ({cfg['dataset']}, N = {n}, labels i mod 10; "
           f"lower is better except class_post):")
     print(" " * width + "".join(f"{k:>14}" for k in CONTEXT_METRICS))
     for row, m in rows.items():

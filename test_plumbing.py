@@ -839,8 +839,8 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
     partial = open(tmp_path / "results" / "paper-lcm.md").read()
     ablate.main(["--only", "baseline,ddil"] + argv)
     assert partial == open(tmp_path / "results" / "paper-lcm.md").read() and "reflected-ddil" not in partial
-    with pytest.raises(SystemExit):                       # it reads records: a grid to train has no "recorded" seeds
-        ablate.main([a if a != "0,1" else "recorded" for a in argv if a != "--tables"])
+    with pytest.raises(SystemExit, match="'recorded' reads the seeds from the records: only with --tables"):
+        ablate.main([a if a != "0,1" else "recorded" for a in argv if a != "--tables"])     # a grid to train
     shutil.rmtree(tmp_path / "results" / "records" / runs[0].name)
     with pytest.raises(common.UserError, match="3 of 6 runs have no record"):   # reflected-ddil moved away, and one more
         ablate.main(argv)
@@ -1304,8 +1304,9 @@ def test_exact_context_rows_are_the_floor_and_the_exact_teachers_ddim(tmp_path, 
         for k in scoring.CONTEXT_METRICS:
             assert got[metrics.metric_name(k, 20, "exact")] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (row, k)
     assert torch.equal(y, labels)
+    monkeypatch.setattr(scoring, "generate_samples", lambda *a, **k: pytest.fail("recomputed"))
     assert scoring.exact_context("gmm2", 2, 20) == rows                     # cached: read back, not recomputed
-    assert [p.name for p in tmp_path.iterdir()] == ["exact-context-gmm2-ddim2-w1-n20.json"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"exact-context-gmm2-ddim2-w1-n20-{runs.code_sha(gmm, common)}.json"]
 
 
 @pytest.mark.slow
