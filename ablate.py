@@ -264,21 +264,25 @@ def recorded_seeds(results):
 
 
 def recorded_rows(tables, results):
-    """--seeds recorded: each table keeps the rows that have records, on the seeds all of them have (every
-    delta is paired by seed); a table whose reference row has none is left out. Says what it leaves out."""
-    kept = {}
+    """--seeds recorded: each table on the seeds its reference row has records of, with the rows recorded on
+    all of them (every delta is paired by seed); a table with no other such row is left out. Returns the
+    tables and, per table, a line naming the rows left out."""
+    kept, notes = {}, {}
     for (study, method), rows in tables.items():
-        done = {setting: {s: run for s, run in by_seed.items() if is_done(run, results)} for setting, by_seed in rows}
-        done = {setting: by_seed for setting, by_seed in done.items() if by_seed}
-        seeds = sorted(set.intersection(*map(set, done.values()))) if done else []
-        ref, missing = reference(study, method), [setting for setting, _ in rows if setting not in done]
-        if ref not in done or not seeds:
-            print(f"{study}-{method}: no table (its reference row {ref} has no records, or its rows no seed in common)")
+        done = {setting: {s for s, run in by_seed.items() if is_done(run, results)} for setting, by_seed in rows}
+        seeds = sorted(done[reference(study, method)])
+        full = [(setting, {s: by_seed[s] for s in seeds}) for setting, by_seed in rows if seeds and set(seeds) <= done[setting]]
+        left = [f"{setting} ({len(done[setting])} of {len(seeds)} seeds)" if done[setting] else setting
+                for setting, _ in rows if setting not in dict(full)]
+        if len(full) < 2 or len(seeds) < 2:            # a paired test needs two seeds
+            print(f"{study}-{method}: no table (no row besides the reference {reference(study, method)} is recorded on "
+                  f"the two or more seeds it has)")
             continue
-        kept[(study, method)] = [(setting, {s: by_seed[s] for s in seeds}) for setting, by_seed in done.items()]
-        print(f"{study}-{method}: rows {', '.join(done)} on seeds {','.join(map(str, seeds))}"
-              + (f"; not recorded yet: {', '.join(missing)}" if missing else ""))
-    return kept
+        kept[(study, method)] = full
+        notes[(study, method)] = f"Not recorded on these seeds yet: {', '.join(left)}." if left else ""
+        print(f"{study}-{method}: rows {', '.join(s for s, _ in full)} on seeds {','.join(map(str, seeds))}"
+              + (f"; {notes[(study, method)]}" if left else ""))
+    return kept, notes
 
 
 def is_done(run, results):
@@ -930,8 +934,8 @@ def parse_args(argv=None):
                    help="preset of every run (auto: cifar10 with CUDA, else smoke)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated training seeds, e.g. 0,1,2; with --tables also 'recorded': each table on "
-                        "the rows that have records and the seeds they all have (a grid in progress, or several "
-                        "methods and studies in one command)")
+                        "its reference row's recorded seeds, with the rows recorded on all of them, ending with the "
+                        "rows it lacks (a grid in progress, or several methods and studies in one command)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="ROW,...",
                    help="only these rows of the study (e.g. baseline,ddil); the tables then show only them")
     p.add_argument("--runs", default=os.path.join("runs", "ablate"),
@@ -1016,8 +1020,9 @@ def main(argv=None):
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
     # On a SLURM cluster the submitting machine (a login node) trains nothing: a first job does (PrepareJob).
     on_cluster = args.launcher == "slurm" and args.cluster == "slurm" and not args.in_job
+    notes = {}
     if args.recorded:
-        tables = recorded_rows(tables, args.results)
+        tables, notes = recorded_rows(tables, args.results)
         runs = [run for run in runs if is_done(run, args.results)]
         if not tables:
             raise common.UserError(f"--seeds recorded: no table of {','.join(args.method)} × {','.join(args.study)} "
@@ -1098,6 +1103,9 @@ def main(argv=None):
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
         seeds = list(rows[0][1]) if args.recorded else args.seeds     # --seeds recorded: the table's own
         write_outputs(summary, cols, study, method, args.preset, ref, seeds, configs, args.results)
+        if notes.get((study, method)):                  # --seeds recorded: the table says which rows it lacks
+            with open(os.path.join(args.results, f"{study}-{method}.md"), "a") as f:
+                f.write(f"\n{notes[(study, method)]}\n")
         if study == "paper" and args.shift_samples:
             write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,
                         args.shift_samples, args.device)

@@ -150,7 +150,7 @@ def print_exact_context(cfg, metrics, n, device="cpu"):
     names = [metric_name(k, n, "exact") for k in CONTEXT_METRICS]
     width = max(map(len, rows)) + 2
     print(f"the run beside the exact benchmark's references ({cfg['dataset']}, N = {n}, labels i mod 10; "
-          f"lower is better except class_post):")
+          f"class_post: higher is better, nll: nearest the floor, the others: lower):")
     print(" " * width + "".join(f"{k:>14}" for k in CONTEXT_METRICS))
     for row, m in rows.items():
         print(f"{row:<{width}}" + "".join(f"{m[k]:>14.4g}" if k in m else f"{'-':>14}" for k in names))
