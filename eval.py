@@ -206,7 +206,7 @@ def evaluate_exact_teacher(args, opts):
     if args.dataset not in gmm.MIXTURES:
         raise common.UserError(f"--teacher exact needs a mixture data set: --dataset {' or '.join(gmm.MIXTURES)}")
     w = 1.0 if args.guidance is None else args.guidance
-    x0_fn, times = exact_ddim(args.dataset, args.steps, w)
+    x0_fn, times = exact_ddim(args.dataset, args.steps, w, args.device)
     x0_fn, outside = tally_out_of_range(x0_fn, times)
     generate = lambda noise, labels, renoise=None: common.sample(x0_fn, noise, labels, times)
     ckpt = dict(config=dict(dataset=args.dataset, preset=args.dataset, guidance=w, teacher_path="exact"))

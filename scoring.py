@@ -107,21 +107,22 @@ def score_exact(images, labels, device, lpips_backbone=None, mixture="gmm"):
     return metrics, info
 
 
-def exact_ddim(dataset, steps, guidance=1.0):
-    """The exact teacher's DDIM sampler on a mixture data set, `steps` uniform steps: (x0_fn, times) for
-    common.sample. eval.py's reference rows and `exact_context` use it."""
-    exact = gmm.ExactTeacher(dataset)
+def exact_ddim(dataset, steps, guidance=1.0, device="cpu"):
+    """The exact teacher's DDIM sampler on a mixture data set, `steps` uniform steps, on `device`: (x0_fn, times)
+    for common.sample. eval.py's reference rows and `exact_context` use it."""
+    exact = gmm.ExactTeacher(dataset, gmm.mixture(dataset, device))
     return (lambda z, t, y: common.denoise(exact, z, t, y, guidance)), torch.linspace(1, 0, steps + 1).tolist()
 
 
 CONTEXT_METRICS = ("nll", "class_post", "mode_tv", "fd_px", "fd_px_struct")
 
 
-def exact_context(dataset, steps, n, guidance=1.0, device="cpu"):
+def exact_context(dataset, steps, n, guidance=1.0):
     """The two rows a student on a mixture data set is read against, scored like it (n samples, label i mod
-    10): exact samples (`python gmm.py --mixture D --samples n`: each metric's floor) and the exact teacher's own
-    DDIM with the student's step count (`python eval.py --teacher exact --dataset D --steps K`, seeds 0..n-1). {row: exact metrics}, computed
-    once (seconds) and cached."""
+    10): exact samples (`python gmm.py --mixture D --samples n`: each metric's floor) and the exact teacher's
+    own DDIM with the student's step count (`python eval.py --teacher exact --dataset D --steps K`, seeds
+    0..n-1). {row: exact metrics}, computed once on the CPU (seconds: the closed form) and cached."""
+    device = "cpu"
     path = os.path.join(cache_dir(), f"exact-context-{dataset}-ddim{steps}-w{guidance:g}-n{n}-"
                                      f"{runs.code_sha(gmm, common)}.json")      # the mixture, its metrics, DDIM
     if os.path.isfile(path):
@@ -142,10 +143,10 @@ def exact_context(dataset, steps, n, guidance=1.0, device="cpu"):
     return rows
 
 
-def print_exact_context(cfg, metrics, n, device="cpu"):
+def print_exact_context(cfg, metrics, n):
     """After a student's evaluation on a mixture data set: its exact metrics beside the floor and the exact
     teacher's DDIM at the same step count, the two rows that say what its numbers mean."""
-    rows = exact_context(cfg["dataset"], cfg["steps"], n, cfg.get("guidance", 1.0), device)
+    rows = exact_context(cfg["dataset"], cfg["steps"], n, cfg.get("guidance", 1.0))
     rows[f"this run ({cfg['steps']} steps)"] = metrics
     names = [metric_name(k, n, "exact") for k in CONTEXT_METRICS]
     width = max(map(len, rows)) + 2
@@ -385,7 +386,7 @@ def evaluate_checkpoint(run_dir, make_generator, make_student=None, n_samples=No
                                  sampler or ckpt["config"].get("method"), n_samples, device, label=run_dir, **options)
     cfg = ckpt["config"]
     if cfg["dataset"] in gmm.MIXTURES and "steps" in cfg:
-        print_exact_context(cfg, metrics, sample_count(cfg, n_samples), device)
+        print_exact_context(cfg, metrics, sample_count(cfg, n_samples))
     return metrics
 
 

@@ -1323,6 +1323,6 @@ def test_a_run_on_the_second_mixture_distils_the_exact_teacher_end_to_end(tmp_pa
     assert not any(k.startswith("teacher_mse20_ddim") for k in metrics)         # no UNet teacher to agree with
     # It ends beside the floor and the exact teacher's DDIM at its own step count, its own row from metrics.json.
     table = r.stdout[r.stdout.index("the run beside the exact benchmark's references (gmm2, N = 20"):].splitlines()
-    assert [line.split("  ")[0] for line in table[2:5]] == ["exact samples (the floor)", "exact teacher, DDIM 4",
+    assert [line.split("  ")[0] for line in table[2:5]] == ["exact samples (the floor)", "exact teacher, DDIM 4, w 1.5",
                                                            "this run (4 steps)"]
     assert f"{metrics['fd_px20_exact']:.4g}" == table[4].split()[-2]
