@@ -1193,19 +1193,31 @@ def test_slurm_grid_with_a_requeue_gives_the_uninterrupted_records(sequential_gr
 
 @pytest.mark.slow
 @slurm
-def test_slurm_time_limit_requeues_and_a_failing_job_says_why(sequential_grid, teacher_ckpt, tmp_path):
-    """--time 1 with the warning 50 s before it: SLURM signals the job (SIGUSR2 to every process), the run
-    saves, the job requeues itself and resumes; its record equals the uninterrupted one. A run that fails
-    is reported with its own one-line error, not submitit's log path."""
+def test_slurm_time_limit_signal_requeues_and_a_failing_job_says_why(sequential_grid, teacher_ckpt, tmp_path):
+    """The time-limit warning: sbatch is asked for SIGUSR2 --signal-delay seconds before the limit, and the
+    run that receives it saves, requeues itself and resumes; its record shows two attempts and every step
+    ran once. The test sends the signal itself (scancel --signal, what slurmctld sends at the warning
+    time) once the run trains: a real one-minute limit would race SLURM's coarse timer against the job's
+    start-up, before submitit's handler exists. A run that fails is reported with its own one-line error,
+    not submitit's log path."""
     one = ["--method", "lcm", "--study", "paper", "--only", "baseline", "--preset", "smoke", "--shift-samples", "0"]
-    argv = [*one, *SLURM, "--time", "1", "--signal-delay", "50", "--runs", str(tmp_path / "runs"), "--results",
-            str(tmp_path / "res"), "--wait", "--", *_launch_extra(teacher_ckpt), "--iters", "20"]
-    r = run(["ablate.py", *argv])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-    (record,) = (tmp_path / "res" / "records").iterdir()
-    assert json.load(open(record / "ablate.json"))["attempts"] >= 2
-    steps = [row["step"] for row in read_log(tmp_path / "runs" / record.name)]
-    assert steps == list(range(1, 21))                              # every step once: resumed, not restarted
+    argv = [*one, *SLURM, "--signal-delay", "50", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "res"), "--", *_launch_extra(teacher_ckpt), "--iters", "40"]
+    r = run(["ablate.py", *argv])                                    # submits the first job and returns
+    assert r.returncode == 0 and "submitted job" in r.stdout, r.stderr
+    _wait_for(lambda: (tmp_path / "runs").is_dir() and any((tmp_path / "runs").glob("lcm-*/submitit/job.json")),
+              what="the first job to submit the run")
+    (victim,) = (tmp_path / "runs").glob("lcm-*")
+    _wait_for(lambda: any(row["step"] >= 2 for row in read_log(victim)), what="training to start")
+    job_id = json.load(open(victim / "submitit" / "job.json"))["job_id"]
+    scripts = list((victim / "submitit").glob("*.sh"))
+    assert scripts and all("#SBATCH --signal=USR2@50" in open(f).read() for f in scripts), scripts
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    waited = run(["ablate.py", *argv[:argv.index("--")], "--wait", *argv[argv.index("--"):]])
+    assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr
+    assert json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))["attempts"] >= 2
+    steps = [row["step"] for row in read_log(victim)]
+    assert steps == list(range(1, 41))                              # every step once: resumed, not restarted
     bad = [*one, *SLURM, "--runs", str(tmp_path / "bad"), "--results",
            str(tmp_path / "badres"), "--wait", "--", *_launch_extra(teacher_ckpt), "--lr", "1e30"]
     r = run(["ablate.py", *bad])
