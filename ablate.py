@@ -61,7 +61,7 @@ import scoring
 
 METHODS = ("pd", "lcm", "dmd2")
 STUDIES = ("priors", "threshold", "paper")
-PRESETS = ("smoke", "cifar10", "gmm", "gmm2")
+PRESETS = tuple(p for p in cli.PRESET_NAMES if p != "quick")     # quick is a first run, not a grid
 # Metric prefixes in table order; eval.py names keys <prefix><samples>_<reference>[_k<k>], e.g. fid10k_train.
 METRICS = ("fid", "class_score", "class_acc", "lpips_div", "precision", "recall", "density", "coverage",
            "nll", "class_post", "mode_tv", "fd_px", "fd_px_mean", "fd_px_struct", "fd_px_iso", "teacher_mse",

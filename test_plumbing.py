@@ -632,6 +632,16 @@ def test_samples_do_not_depend_on_batch_size():
     assert a.dtype == torch.uint8 and a.shape == (11, 3, 32, 32)
 
 
+def test_every_preset_table_covers_the_same_presets():
+    import teacher
+    tables = {"teacher.PRESETS": teacher.PRESETS, "ddil_pd.PRESETS": ddil_pd.PRESETS, "ddil_lcm.PRESETS": lcm.PRESETS,
+              "ddil_dmd2.PRESETS": ddil_dmd2.PRESETS, "cli.DDIL_PRESETS": cli.DDIL_PRESETS,
+              "scoring.DEFAULT_SAMPLES": scoring.DEFAULT_SAMPLES, "runs.ETA_MIN": runs.ETA_MIN}
+    for name, table in tables.items():
+        assert set(table) == set(cli.PRESET_NAMES), name
+    assert set(ablate.PRESETS) == set(cli.PRESET_NAMES) - {"quick"}
+
+
 def test_a_teacher_is_scored_at_the_sample_count_its_students_evaluate_at():
     for name, n in scoring.DEFAULT_SAMPLES.items():
         assert {m.PRESETS[name]["eval_samples"] for m in (ddil_pd, lcm, ddil_dmd2)} == {n}, name
