@@ -878,6 +878,8 @@ def write_shift(method, preset, rows, runs_dir, results, n, device):
             return
         seeds |= set(per_seed)
         curves[setting] = np.array([[v["forward"], v["own"]] for v in per_seed.values()]).mean(0)   # [2, K]
+    if not curves:                                      # --only without baseline and ddil: nothing to compare
+        return
     K = next(iter(curves.values())).shape[1]
     lines = [f"# Covariate-shift diagnostic — {method} (preset {preset}, seeds {','.join(map(str, sorted(seeds)))}, "
              f"{n} samples)", "", "SMOKE-SCALE EXAMPLE: not results." if preset == "smoke" else "", "",

@@ -858,6 +858,30 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
 
 # --- Grids beyond one process: the local launcher, submitit, concurrent ablate.py ---
 
+def test_the_shift_table_is_the_seed_mean_of_the_records_and_needs_baseline_or_ddil(tmp_path):
+    """The covariate-shift table is the mean over seeds of each record's shift<n>.json, read with no
+    checkpoint; a paper study run with --only rows other than baseline and ddil has none and writes none."""
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self, results):
+            return os.path.join(results, "records", self.name)
+    curves = {("baseline", 0): ([1, 2], [3, 5]), ("baseline", 1): ([3, 4], [5, 7]),
+              ("ddil", 0): ([1, 1], [1, 2]), ("ddil", 1): ([1, 1], [3, 4])}
+    rows = {}
+    for (setting, seed), (fwd, own) in curves.items():
+        rows.setdefault(setting, {})[seed] = Rec(f"{setting}-s{seed}")
+        os.makedirs(tmp_path / "records" / f"{setting}-s{seed}")
+        ablate.write_json(str(tmp_path / "records" / f"{setting}-s{seed}" / "shift8.json"), dict(forward=fwd, own=own, samples=8))
+    ablate.write_shift("lcm", "gmm2", [("buffer", {0: Rec("buffer-s0")})], None, str(tmp_path), 8, "cpu")
+    assert not (tmp_path / "shift-lcm.md").exists()
+    ablate.write_shift("lcm", "gmm2", list(rows.items()), None, str(tmp_path), 8, "cpu")
+    text = (tmp_path / "shift-lcm.md").read_text()
+    assert "| baseline | (a) forward | 2 | 3 |" in text and "| baseline | (b) own rollout | 4 | 6 |" in text
+    assert "| ddil | (b) own rollout | 2 | 3 |" in text and "seeds 0,1, 8 samples" in text
+
+
 LAUNCH = ["--method", "lcm", "--study", "paper", "--only", "baseline,ddil", "--preset", "smoke", "--shift-samples", "0"]
 
 
