@@ -3,6 +3,7 @@
     python ablate.py --method dmd2 --study priors --seeds 0,1,2        # sampling priors β
     python ablate.py --method all --study threshold                     # where thresholding is applied
     python ablate.py --method all --study paper --preset smoke          # baseline / +DDIL / +Reflected+DDIL
+    python ablate.py --method lcm --study paper2 --preset smoke         # the same rows at 2 student steps
     python ablate.py --method pd --study priors,threshold -- --iters 2000   # both grids, shorter runs
 
 A run's identity is its resolved configuration (what its script's --dry-run prints, minus where it
@@ -19,11 +20,13 @@ study and method, in <results>/:
     <study>-<method>.md    table: mean ± std over seeds of every metric (one full metric key per column,
                            e.g. fid10k_train: rows evaluated at different sample counts are an error),
                            wall time per run, paired deltas to the study's reference row (per seed, then
-                           averaged, 95 % t-interval over seeds; * where it excludes zero), and the
+                           averaged, 95 % t-interval over seeds, the paired t-test's p raw and
+                           Holm-adjusted over the table; * where the adjusted p < 0.05), and the
                            settings held fixed and varied across its rows (from the resolved configs)
     <study>-<method>.csv   the same numbers
     <study>-<method>.png   bar plots with std error bars
-    shift-<method>.md/.png (study paper) the covariate-shift diagnostic of the paper's Sec. 3.2
+    shift-<method>.md/.png (study paper; shift-paper2-<method> for paper2) the covariate-shift
+                           diagnostic of the paper's Sec. 3.2
 
 Grids (DESIGN §1, §4):
     priors     fixed 100 % forward; 100 % student backward; 50/50 forward/student; the default DDIL
@@ -32,7 +35,8 @@ Grids (DESIGN §1, §4):
     threshold  with the default DDIL mixture: none; sampling only; teacher only; student only (its
                target / output and its sampler); teacher+student (DMD2: also critic only, the
                consistent teacher+critic pair, and all three)
-    paper      baseline; --ddil; --ddil --reflected
+    paper      baseline; (DMD2: the replay buffer alone, its own states only); --ddil; --ddil --reflected
+    paper2     the paper study at 2 student steps (--steps 2)
 """
 
 import argparse
@@ -60,7 +64,7 @@ import runs
 import scoring
 
 METHODS = ("pd", "lcm", "dmd2")
-STUDIES = ("priors", "threshold", "paper")
+STUDIES = ("priors", "threshold", "paper", "paper2")
 PRESETS = tuple(p for p in cli.PRESET_NAMES if p != "quick")     # quick is a first run, not a grid
 # Metric prefixes in table order; eval.py names keys <prefix><samples>_<reference>[_k<k>], e.g. fid10k_train.
 METRICS = ("fid", "class_score", "class_acc", "lpips_div", "precision", "recall", "density", "coverage",
@@ -79,8 +83,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 FIXED = ["--ddil", "--prior-schedule", "constant"]
 
 
-# Presets whose grids and tables were published before the DMD2 buffer-only row and the Holm-adjusted
-# p-values: they keep that form, so that their committed tables regenerate byte for byte.
+# Presets whose grids and tables were published before the DMD2 buffer-only row, the 2-step paper study
+# and the Holm-adjusted p-values: they keep that form (--study all is their three studies), so that their
+# committed tables regenerate byte for byte.
 FIRST_PUBLISHED = {"gmm"}
 
 
@@ -114,6 +119,8 @@ def grid(study, method, preset=None):
             # so that +DDIL's effect separates from the buffer's.
             rows.insert(1, ("buffer", FIXED + ["--beta-fwd", "0", "--beta-teacher", "0", "--beta-student", "1"]))
         return rows
+    if study == "paper2":           # the paper study at 2 student steps: where each step has the most to do
+        return [(setting, flags + ["--steps", "2"]) for setting, flags in grid("paper", method, preset)]
     raise ValueError(study)
 
 
@@ -121,7 +128,7 @@ def reference(study, method):
     """The row every paired delta is taken against: the method's baseline, or no thresholding."""
     own = importlib.import_module(f"ddil_{method}").BASELINE_SOURCE       # the method's own input source
     return {"priors": "fwd100" if own == "fwd" else "student100",
-            "threshold": "none", "paper": "baseline"}[study]
+            "threshold": "none", "paper": "baseline", "paper2": "baseline"}[study]
 
 
 # --- Run identity ---
@@ -275,8 +282,9 @@ def recorded_rows(tables, results):
         left = [f"{setting} ({len(done[setting])} of {len(seeds)} seeds)" if done[setting] else setting
                 for setting, _ in rows if setting not in dict(full)]
         if len(full) < 2 or len(seeds) < 2:            # a paired test needs two seeds
-            print(f"{study}-{method}: no table (no row besides the reference {reference(study, method)} is recorded on "
-                  f"the two or more seeds it has)")
+            ref = reference(study, method)
+            print(f"{study}-{method}: no table (" + (f"its reference row {ref} has records of {len(seeds)} seed(s)" if len(seeds) < 2
+                  else f"no row besides the reference {ref} is recorded on the {len(seeds)} seeds it has") + ")")
             continue
         kept[(study, method)] = full
         notes[(study, method)] = f"Not recorded on these seeds yet: {', '.join(left)}." if left else ""
@@ -865,7 +873,10 @@ def shift_record(run, runs_dir, results, n, device, memo):
     return read_json(path)
 
 
-def write_shift(method, preset, rows, runs_dir, results, n, device):
+def write_shift(method, preset, rows, runs_dir, results, n, device, name=None):
+    """The covariate-shift table and plot of a paper study (<name>.md/.png, default shift-<method>), from
+    the baseline and ddil rows' records (computed from a checkpoint where a record has none yet)."""
+    name = name or f"shift-{method}"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -895,9 +906,9 @@ def write_shift(method, preset, rows, runs_dir, results, n, device):
     ax.set_xlabel("student sampling step k"), ax.set_ylabel("MSE to teacher x̂_0"), ax.legend(fontsize=7)
     ax.set_title(f"covariate shift — {method}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(results, f"shift-{method}.png"), dpi=120)
+    fig.savefig(os.path.join(results, f"{name}.png"), dpi=120)
     plt.close(fig)
-    with open(os.path.join(results, f"shift-{method}.md"), "w") as f:
+    with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[6:]))
 
@@ -930,8 +941,9 @@ def parse_args(argv=None):
                       epilog="Arguments after `--` go to every run, e.g. `-- --iters 2000 --eval-samples 10000`.")
     p.add_argument("--method", type=_list(METHODS, "method"), required=True,
                    help="distiller(s): pd, lcm, dmd2, a comma-separated list, or all")
-    p.add_argument("--study", type=_list(STUDIES, "study"), required=True,
-                   help="grid(s): priors, threshold, paper, a comma-separated list, or all")
+    p.add_argument("--study", required=True,
+                   help="grid(s): priors, threshold, paper, paper2 (the paper study at 2 student steps), a "
+                        "comma-separated list, or all")
     p.add_argument("--preset", choices=("auto",) + PRESETS, default="auto",
                    help="preset of every run (auto: cifar10 with CUDA, else smoke)")
     p.add_argument("--seeds", default="0",
@@ -945,7 +957,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default="ablations",
                    help="where tables, plots and the per-run records (records/<run>/) go")
     p.add_argument("--shift-samples", type=cli.count, default=None,
-                   help="samples for the covariate-shift diagnostic (study paper; 0 = skip) (smoke 32, gmm 200, "
+                   help="samples for the covariate-shift diagnostic (studies paper, paper2; 0 = skip) (smoke 32, gmm 200, "
                         "cifar10 1000)")
     p.add_argument("--device", default="auto", help="device for the shared caches and the diagnostic (runs pick their own)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state (done, running, ...) and exit")
@@ -999,6 +1011,10 @@ def parse_args(argv=None):
     if args.preset == "auto":       # on a cluster, the compute nodes decide: GPUs asked for means cifar10
         gpus = torch.cuda.is_available() or (args.launcher == "slurm" and args.gpus_per_job > 0)
         args.preset = "cifar10" if gpus else "smoke"
+    try:                            # the first-published presets keep their three studies
+        args.study = _list(STUDIES[:3] if args.preset in FIRST_PUBLISHED else STUDIES, "study")(args.study)
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --study: {e}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.shift_samples is None:
@@ -1108,9 +1124,9 @@ def main(argv=None):
         if notes.get((study, method)):                  # --seeds recorded: the table says which rows it lacks
             with open(os.path.join(args.results, f"{study}-{method}.md"), "a") as f:
                 f.write(f"\n{notes[(study, method)]}\n")
-        if study == "paper" and args.shift_samples:
+        if study in ("paper", "paper2") and args.shift_samples:
             write_shift(method, args.preset, rows, None if args.tables else args.runs, args.results,
-                        args.shift_samples, args.device)
+                        args.shift_samples, args.device, name=f"shift-{method}" if study == "paper" else f"shift-{study}-{method}")
     return runs
 
 

@@ -779,7 +779,13 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
         assert paper["baseline"]["priors"] == [float(s == importlib.import_module(f"ddil_{m}").BASELINE_SOURCE) for s in common.SOURCES]
         assert paper["baseline"]["sample_clip"] == (m == "pd")          # each method's official default
         assert paper["reflected-ddil"]["threshold_teacher"] and paper["reflected-ddil"]["threshold_student"]
+        two = {name: ablate.resolved_config(m, f, "smoke", 0, []) for name, f in ablate.grid("paper2", m, "smoke")}
+        assert list(two) == list(paper) and all(c["steps"] == 2 for c in two.values())       # paper at 2 steps
+        assert all({k for k in c if c[k] != paper[name][k]} == {"steps"} for name, c in two.items()), m
     assert ablate.reference("priors", "dmd2") == "student100" and ablate.reference("priors", "pd") == "fwd100"
+    assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm2"])[0].study == list(ablate.STUDIES)
+    assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm"])[0].study == \
+        ["priors", "threshold", "paper"]                                 # the first benchmark's grids as published
 
 
 @pytest.mark.slow
