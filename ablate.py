@@ -627,7 +627,9 @@ def save_record(run, out, results, timing):
 
 def read_record(run, results):
     """{full metric key: value} of the evaluation with the run's own --eval-samples, its drift list
-    (key 'drift'), its eval sample count and its wall time in minutes."""
+    (key 'drift'), the share of its sampler's x̂_0 pixels outside [-1, 1] per step (key 'x0_oor', where
+    evaluated), the training log's mean out-of-range shares of the teacher's and the student's x̂_0 (key
+    'train_oor': [teacher %, student %], where logged), and its wall time in minutes."""
     rec = run.record(results)
     m = read_json(os.path.join(rec, "metrics.json"))
     n = run.config["eval_samples"]
@@ -636,6 +638,12 @@ def read_record(run, results):
     drift = [k for k in keys if k.startswith("drift") and isinstance(m.get(k), list)]
     if drift:
         row["drift"] = m[drift[0]]
+    oor = [k for k in keys if k.startswith("x0_oor") and isinstance(m.get(k), list)]
+    if oor:
+        row["x0_oor"] = m[oor[0]]
+    logged = [r for r in runs.read_log(os.path.join(rec, "log.jsonl")) if "clip_pct" in r and "clip_student_pct" in r]
+    if logged:
+        row["train_oor"] = [float(np.mean([r[k] for r in logged])) for k in ("clip_pct", "clip_student_pct")]
     row["wall_min"] = read_json(os.path.join(rec, "ablate.json"), "wall_s")["wall_s"] / 60
     return row
 
@@ -724,9 +732,10 @@ def summarise(results, ref):
             if vals:
                 row[c] = float(np.mean(vals))
                 row[c + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        drifts = [r["drift"] for r in by_seed.values() if "drift" in r]
-        if drifts and len({len(d) for d in drifts}) == 1:
-            row["drift"] = np.mean(drifts, axis=0).tolist()
+        for k in ("drift", "x0_oor", "train_oor"):          # per-step lists: their mean over seeds
+            lists = [r[k] for r in by_seed.values() if k in r]
+            if lists and len(lists) == len(by_seed) and len({len(v) for v in lists}) == 1:
+                row[k] = np.mean(lists, axis=0).tolist()
         for c, key in cols.items():
             if setting != ref and ref in results and split_key(key)[0] in DELTA_METRICS:
                 x = {s: r[key] for s, r in by_seed.items() if key in r}
@@ -828,6 +837,17 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
                   "seeds.", "",
                   "| setting | " + " | ".join(f"step {k + 1}" for k in range(K)) + " |", "|---|" + "---|" * K]
         lines += [f"| {r['setting']} | " + " | ".join(f"{v:.4g}" for v in r["drift"]) + " |" for r in drift_rows]
+    oor_rows = [r for r in rows if "x0_oor" in r and "train_oor" in r]
+    if adjusted and oor_rows:               # where thresholding has something to act on
+        K = max(len(r["x0_oor"]) for r in oor_rows)
+        lines += ["", "Out-of-range x̂_0, % of pixels outside [-1, 1], mean over seeds: in training (the log's mean "
+                  "over logged steps, before any clipping: `clip_pct` for the teacher's x̂_0, `clip_student_pct` for "
+                  "the student's, DMD2's generator output), and at sampling, per step of the student's sampler "
+                  "(metrics.json `x0_oor`, after its own sampling clip, if any).", "",
+                  "| setting | training: teacher | training: student | " + " | ".join(f"sampling step {k + 1}" for k in range(K))
+                  + " |", "|---|---|---|" + "---|" * K]
+        lines += [f"| {r['setting']} | {r['train_oor'][0]:.3g} | {r['train_oor'][1]:.3g} | "
+                  + " | ".join(f"{100 * v:.3g}" for v in r["x0_oor"]) + " |" for r in oor_rows]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_bars(rows, [m for m in metrics if m != "wall_min"], cols, stem + ".png", f"{study} — {method} ({preset})")

@@ -565,6 +565,14 @@ def _parse_line(line):
         return None
 
 
+def read_log(path):
+    """The rows of a run's log.jsonl (none when there is no file; a line cut short by a crash is skipped)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(_parse_line, f) if isinstance(r, dict)]
+
+
 # Settings added after runs were recorded, at the value that reproduces what those runs did: left out of a
 # run's settings at that value (its resume check here, its identity in ablate.py), so that earlier run
 # directories resume and earlier records keep their names.

@@ -888,6 +888,40 @@ def test_the_shift_table_is_the_seed_mean_of_the_records_and_needs_baseline_or_d
     assert "| ddil | (b) own rollout | 2 | 3 |" in text and "seeds 0,1, 8 samples" in text
 
 
+def test_tables_report_the_out_of_range_share_of_x0_per_step_and_in_training(tmp_path):
+    """From each record: metrics.json's x0_oor (per sampler step, a share) and the log's mean clip_pct /
+    clip_student_pct (percent); the table shows their mean over seeds, as percent (not in the first
+    benchmark's published form)."""
+    class Rec:
+        def __init__(self, name):
+            self.name, self.config = name, {"eval_samples": 10}
+
+        def record(self, results):
+            return os.path.join(results, "records", self.name)
+    given = {("none", 0): ([0.0, 0.01], [(1.0, 2.0), (3.0, 4.0)]), ("none", 1): ([0.0, 0.03], [(2.0, 0.0)]),
+             ("teacher", 0): ([0.0, 0.0], [(5.0, 1.0)]), ("teacher", 1): ([0.0, 0.0], [(7.0, 1.0)])}
+    results = {}
+    for (setting, seed), (oor, logged) in given.items():
+        run = Rec(f"{setting}-s{seed}")
+        os.makedirs(run.record(str(tmp_path)))
+        ablate.write_json(os.path.join(run.record(str(tmp_path)), "metrics.json"),
+                          {"evals": {"10": {"metrics": ["fd_px10_exact", "x0_oor10"]}}, "fd_px10_exact": 1.0 + seed,
+                           "x0_oor10": oor})
+        ablate.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), {"wall_s": 60})
+        with open(os.path.join(run.record(str(tmp_path)), "log.jsonl"), "w") as f:
+            f.writelines(json.dumps({"step": i, "clip_pct": a, "clip_student_pct": b}) + "\n" for i, (a, b) in enumerate(logged))
+            f.write('{"step": 9, "clip_pct"')                       # a line cut short by a crash: skipped
+        results.setdefault(setting, {})[seed] = ablate.read_record(run, str(tmp_path))
+    rows, cols = ablate.summarise(results, "none")
+    none = rows[0]
+    assert none["x0_oor"] == pytest.approx([0.0, 0.02]) and none["train_oor"] == pytest.approx([(2 + 2) / 2, (3 + 0) / 2])
+    configs = [{"steps": 2, "seed": s} for s in (0, 1, 0, 1)]
+    for preset, shown in (("gmm2", True), ("gmm", False)):
+        ablate.write_outputs(rows, cols, "threshold", "lcm", preset, "none", [0, 1], configs, str(tmp_path / preset))
+        text = (tmp_path / preset / "threshold-lcm.md").read_text()
+        assert ("| none | 2 | 1.5 | 0 | 2 |" in text and "| teacher | 6 | 1 | 0 | 0 |" in text) == shown, text
+
+
 LAUNCH = ["--method", "lcm", "--study", "paper", "--only", "baseline,ddil", "--preset", "smoke", "--shift-samples", "0"]
 
 
