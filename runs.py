@@ -544,9 +544,10 @@ def run_dir_in_use(out):
     return False
 
 
-def read_json(path):
-    """A JSON file a run left (config.json, metrics.json, ...) as a dict; unreadable, not JSON (a file cut
-    short) or not an object is a one-line error naming the file."""
+def read_json(path, *keys):
+    """A JSON file a run left (config.json, metrics.json, ...) as a dict, which must hold `keys`;
+    unreadable, not JSON (a file cut short), not an object or lacking a key is a one-line error naming the
+    file."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -555,7 +556,18 @@ def read_json(path):
                         "directory whose config.json is gone starts afresh)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a JSON object; restore or delete it")
+    lacking = [k for k in keys if k not in data]
+    if lacking:
+        raise UserError(f"{path}: no {', '.join(lacking)}; delete the record or run directory that holds it and "
+                        "rerun the grid to redo that run")
     return data
+
+
+def write_json(path, data):
+    """Write `data` as JSON, atomically (a temporary file, then a rename), like every file a run leaves."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def _parse_line(line):

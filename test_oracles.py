@@ -25,6 +25,7 @@ import ddil_lcm as lcm
 import ddil_pd
 import gmm
 import metrics
+import report
 import runs
 import scoring
 from common import _bc, alpha_sigma
@@ -1030,13 +1031,12 @@ def test_distillation_losses_vanish_with_the_exact_teacher_where_the_maths_says_
 # --- Paired statistics of the ablation tables ---
 
 def test_paired_delta_mean_and_t_interval():
-    import ablate
     x, ref = {0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 1.5}    # seed 7 has no partner
-    mean, lo, hi, n = ablate.paired_delta(x, ref)
+    mean, lo, hi, n = report.paired_delta(x, ref)
     half = 4.302652729911275 * 0.5 / math.sqrt(3)          # t_{0.975, 2} (tables) x sd / sqrt(n)
     assert n == 3 and mean == pytest.approx(1.0) and (lo, hi) == pytest.approx((1.0 - half, 1.0 + half))
-    assert math.isnan(ablate.paired_delta({0: 2.0}, {0: 1.0})[1])
-    rows, _ = ablate.summarise({"baseline": {0: {"fid9_train": 10.0}, 1: {"fid9_train": 12.0}, 2: {"fid9_train": 11.0}},
+    assert math.isnan(report.paired_delta({0: 2.0}, {0: 1.0})[1])
+    rows, _ = report.summarise({"baseline": {0: {"fid9_train": 10.0}, 1: {"fid9_train": 12.0}, 2: {"fid9_train": 11.0}},
                                 "ddil": {0: {"fid9_train": 9.0}, 1: {"fid9_train": 11.1}, 2: {"fid9_train": 9.9}}},
                                "baseline")
     ddil = rows[1]
@@ -1047,19 +1047,18 @@ def test_paired_delta_mean_and_t_interval():
 
 def test_paired_p_is_scipys_paired_t_test_and_holm_is_the_step_down_rule():
     from scipy import stats
-    import ablate
     x, ref = {0: 1.0, 1: 2.5, 2: 2.9, 3: 4.4}, {0: 0.5, 1: 1.0, 2: 2.5, 3: 3.0}
-    assert ablate.paired_p(x, ref) == pytest.approx(stats.ttest_rel([1.0, 2.5, 2.9, 4.4], [0.5, 1.0, 2.5, 3.0]).pvalue)
-    assert math.isnan(ablate.paired_p({0: 1.0}, {0: 0.0}))
+    assert report.paired_p(x, ref) == pytest.approx(stats.ttest_rel([1.0, 2.5, 2.9, 4.4], [0.5, 1.0, 2.5, 3.0]).pvalue)
+    assert math.isnan(report.paired_p({0: 1.0}, {0: 0.0}))
     # Holm by hand: sorted 0.01, 0.02, 0.03, 0.2 of m = 4 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), max(0.06, 0.2).
-    assert ablate.holm([0.03, 0.2, 0.01, math.nan, 0.02])[:3] == pytest.approx([0.06, 0.2, 0.04])
-    assert ablate.holm([0.03, 0.2, 0.01, math.nan, 0.02])[4] == pytest.approx(0.06)
-    assert math.isnan(ablate.holm([0.5, math.nan])[1]) and ablate.holm([0.9, 0.8]) == [1.0, 1.0]
+    assert report.holm([0.03, 0.2, 0.01, math.nan, 0.02])[:3] == pytest.approx([0.06, 0.2, 0.04])
+    assert report.holm([0.03, 0.2, 0.01, math.nan, 0.02])[4] == pytest.approx(0.06)
+    assert math.isnan(report.holm([0.5, math.nan])[1]) and report.holm([0.9, 0.8]) == [1.0, 1.0]
     results = {"base": {s: {"fid9_train": 10.0 + s, "nll9_exact": 1.0} for s in range(4)},
                "a": {s: {"fid9_train": 9.0 + s + 0.1 * (s % 2), "nll9_exact": 1.0 + 0.01 * s} for s in range(4)}}
-    rows, _ = ablate.summarise(results, "base")
+    rows, _ = report.summarise(results, "base")
     ps = [rows[1]["d_fid_train_p"], rows[1]["d_nll_exact_p"]]
-    assert [rows[1]["d_fid_train_p_holm"], rows[1]["d_nll_exact_p_holm"]] == pytest.approx(ablate.holm(ps))
+    assert [rows[1]["d_fid_train_p_holm"], rows[1]["d_nll_exact_p_holm"]] == pytest.approx(report.holm(ps))
 
 
 # --- EMA, the LCM target network, DMD2's critic and GAN losses, the covariate-shift diagnostic, the UNet ---
@@ -1277,9 +1276,8 @@ def test_unpaired_mse_breaks_the_pairing_within_the_class(gaussian_teacher_fn, t
 
 
 def test_the_budget_is_the_first_doubling_that_gains_less_than_five_percent():
-    import ablate
     fd = {100: 20.0, 200: 12.0, 400: 10.0, 800: 9.6, 1600: 9.5}        # gains 40 %, 16.7 %, 4 %, 1 %
-    assert ablate.curve_budget(sorted(fd), fd)[0] == 400
+    assert report.curve_budget(sorted(fd), fd)[0] == 400
     steep = {100: 20.0, 200: 15.0, 400: 11.0}
-    budget, why = ablate.curve_budget(sorted(steep), steep)
+    budget, why = report.curve_budget(sorted(steep), steep)
     assert budget == 400 and "largest" in why

@@ -29,6 +29,7 @@ import ddil_pd
 import eval as evaluation
 import metrics
 import gmm
+import report
 import runs
 import scoring
 from conftest import PY, ROOT, GaussianDenoiser, assert_same_nets, dm_loss, kill_after, read_log, run
@@ -37,11 +38,11 @@ from conftest import PY, ROOT, GaussianDenoiser, assert_same_nets, dm_loss, kill
 # --- The import graph ---
 
 def test_the_import_graph_has_no_circles_and_nothing_imports_upward():
-    """Layers, bottom up: unet and common (the maths: no project import), gmm, runs (plumbing), cli and metrics,
-    scoring, the teacher and the three method files, then the scripts on top (eval, ablate, bench). A module
+    """Layers, bottom up: unet and common (the maths: no project import), gmm, runs (plumbing), cli, metrics
+    and report (the tables from records), scoring, the teacher and the three method files, then the scripts on top (eval, ablate, bench). A module
     imports only lower layers, statically or through importlib (the scripts load method files by name)."""
     import ast
-    layers = [{"unet", "common"}, {"gmm"}, {"runs"}, {"cli", "metrics"}, {"scoring"}, {"teacher"},
+    layers = [{"unet", "common"}, {"gmm"}, {"runs"}, {"cli", "metrics", "report"}, {"scoring"}, {"teacher"},
               {"ddil_pd", "ddil_lcm", "ddil_dmd2"}, {"eval", "ablate", "bench"}]
     level = {m: i for i, layer in enumerate(layers) for m in layer}
     project = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith("test_")
@@ -639,7 +640,6 @@ def test_every_preset_table_covers_the_same_presets():
               "scoring.DEFAULT_SAMPLES": scoring.DEFAULT_SAMPLES, "runs.ETA_MIN": runs.ETA_MIN}
     for name, table in tables.items():
         assert set(table) == set(cli.PRESET_NAMES), name
-    assert set(ablate.PRESETS) == set(cli.PRESET_NAMES) - {"quick"}
 
 
 def test_a_teacher_is_scored_at_the_sample_count_its_students_evaluate_at():
@@ -804,7 +804,7 @@ def test_a_grid_never_reuses_a_run_trained_with_other_settings(teacher_ckpt, tmp
     run = short[0]                              # a record under its name with other settings: an error
     os.makedirs(run.record(str(tmp_path)))
     scoring.merge_metrics(os.path.join(run.record(str(tmp_path)), "metrics.json"), {}, dict(n=1))
-    ablate.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), dict(identity={"iters": 3}))
+    runs.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), dict(identity={"iters": 3}))
     with pytest.raises(common.UserError, match="other settings"):
         ablate.is_done(run, str(tmp_path))
 
@@ -812,14 +812,14 @@ def test_a_grid_never_reuses_a_run_trained_with_other_settings(teacher_ckpt, tmp
 def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
     rows = {"base": {0: {"fid100_train500": 3.0, "teacher_mse100_ddim64": 0.1}},
             "ddil": {0: {"fid100_train500": 2.0, "teacher_mse100_ddim64": 0.2}}}
-    summary, cols = ablate.summarise(rows, "base")
+    summary, cols = report.summarise(rows, "base")
     assert cols == {"fid_train500": "fid100_train500", "teacher_mse_ddim64": "teacher_mse100_ddim64"}
     assert summary[1]["d_fid_train500"] == -1.0
     rows["ddil"][0]["teacher_mse100_exact256"] = 0.3            # another reference: its own column
-    assert "teacher_mse_exact256" in ablate.summarise(rows, "base")[1]
+    assert "teacher_mse_exact256" in report.summarise(rows, "base")[1]
     rows["ddil"][0] = {"fid1k_train500": 2.0, "teacher_mse100_ddim64": 0.2}
     with pytest.raises(common.UserError, match="fid100_train500 vs fid1k_train500"):
-        ablate.summarise(rows, "base")
+        report.summarise(rows, "base")
 
 
 @pytest.mark.slow
@@ -879,10 +879,10 @@ def test_the_shift_table_is_the_seed_mean_of_the_records_and_needs_baseline_or_d
     for (setting, seed), (fwd, own) in curves.items():
         rows.setdefault(setting, {})[seed] = Rec(f"{setting}-s{seed}")
         os.makedirs(tmp_path / "records" / f"{setting}-s{seed}")
-        ablate.write_json(str(tmp_path / "records" / f"{setting}-s{seed}" / "shift8.json"), dict(forward=fwd, own=own, samples=8))
-    ablate.write_shift("lcm", "gmm2", [("buffer", {0: Rec("buffer-s0")})], None, str(tmp_path), 8, "cpu")
+        runs.write_json(str(tmp_path / "records" / f"{setting}-s{seed}" / "shift8.json"), dict(forward=fwd, own=own, samples=8))
+    report.write_shift("lcm", "gmm2", [("buffer", {0: Rec("buffer-s0")})], str(tmp_path), 8)
     assert not (tmp_path / "shift-lcm.md").exists()
-    ablate.write_shift("lcm", "gmm2", list(rows.items()), None, str(tmp_path), 8, "cpu")
+    report.write_shift("lcm", "gmm2", list(rows.items()), str(tmp_path), 8)
     text = (tmp_path / "shift-lcm.md").read_text()
     assert "| baseline | (a) forward | 2 | 3 |" in text and "| baseline | (b) own rollout | 4 | 6 |" in text
     assert "| ddil | (b) own rollout | 2 | 3 |" in text and "seeds 0,1, 8 samples" in text
@@ -899,27 +899,31 @@ def test_tables_report_the_out_of_range_share_of_x0_per_step_and_in_training(tmp
         def record(self, results):
             return os.path.join(results, "records", self.name)
     given = {("none", 0): ([0.0, 0.01], [(1.0, 2.0), (3.0, 4.0)]), ("none", 1): ([0.0, 0.03], [(2.0, 0.0)]),
-             ("teacher", 0): ([0.0, 0.0], [(5.0, 1.0)]), ("teacher", 1): ([0.0, 0.0], [(7.0, 1.0)])}
+             ("teacher", 0): ([0.0, 0.0], [(5.0, 1.0)]), ("teacher", 1): ([0.0, 0.0], [(7.0, 1.0)]),
+             ("student", 0): ([0.0, 0.0], []), ("student", 1): ([0.0, 0.0], [(1.0, 1.0)])}   # seed 0: no clip rates
     results = {}
     for (setting, seed), (oor, logged) in given.items():
         run = Rec(f"{setting}-s{seed}")
         os.makedirs(run.record(str(tmp_path)))
-        ablate.write_json(os.path.join(run.record(str(tmp_path)), "metrics.json"),
+        runs.write_json(os.path.join(run.record(str(tmp_path)), "metrics.json"),
                           {"evals": {"10": {"metrics": ["fd_px10_exact", "x0_oor10"]}}, "fd_px10_exact": 1.0 + seed,
                            "x0_oor10": oor})
-        ablate.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), {"wall_s": 60})
+        runs.write_json(os.path.join(run.record(str(tmp_path)), "ablate.json"), {"wall_s": 60})
         with open(os.path.join(run.record(str(tmp_path)), "log.jsonl"), "w") as f:
             f.writelines(json.dumps({"step": i, "clip_pct": a, "clip_student_pct": b}) + "\n" for i, (a, b) in enumerate(logged))
             f.write('{"step": 9, "clip_pct"')                       # a line cut short by a crash: skipped
-        results.setdefault(setting, {})[seed] = ablate.read_record(run, str(tmp_path))
-    rows, cols = ablate.summarise(results, "none")
+        results.setdefault(setting, {})[seed] = report.read_record(run, str(tmp_path))
+    rows, cols = report.summarise(results, "none")
     none = rows[0]
     assert none["x0_oor"] == pytest.approx([0.0, 0.02]) and none["train_oor"] == pytest.approx([(2 + 2) / 2, (3 + 0) / 2])
-    configs = [{"steps": 2, "seed": s} for s in (0, 1, 0, 1)]
+    assert "train_oor" not in rows[2] and rows[2]["x0_oor"] == [0.0, 0.0]
+    configs = [{"steps": 2, "seed": s} for s in (0, 1, 0, 1, 0, 1)]
     for preset, shown in (("gmm2", True), ("gmm", False)):
-        ablate.write_outputs(rows, cols, "threshold", "lcm", preset, "none", [0, 1], configs, str(tmp_path / preset))
+        report.write_outputs(rows, cols, "threshold", "lcm", preset, "none", [0, 1], configs, str(tmp_path / preset),
+                             adjusted=preset not in ablate.FIRST_PUBLISHED)
         text = (tmp_path / preset / "threshold-lcm.md").read_text()
         assert ("| none | 2 | 1.5 | 0 | 2 |" in text and "| teacher | 6 | 1 | 0 | 0 |" in text) == shown, text
+        assert ("Not shown: student (a seed's record lacks" in text) == shown and "| student | 1 |" not in text
 
 
 LAUNCH = ["--method", "lcm", "--study", "paper", "--only", "baseline,ddil", "--preset", "smoke", "--shift-samples", "0"]
@@ -1056,18 +1060,18 @@ def test_a_record_lacking_a_metric_of_its_table_is_an_error_not_a_dropped_seed(t
                  "evals": {str(run.config["eval_samples"]): {"metrics": ["fd_px100_exact"]}}}
             run.config["eval_samples"] = run.config["eval_samples"]
             _record(str(tmp_path), run.name, m, seed, run.identity)
-            results[setting][seed] = ablate.read_record(run, str(tmp_path))
-    ablate.check_complete(results, rows, "paper", "pd", str(tmp_path))          # complete: no error
+            results[setting][seed] = report.read_record(run, str(tmp_path))
+    report.check_complete(results, rows, "paper", "pd", str(tmp_path))          # complete: no error
     victim = rows[1][1][2]
     with open(os.path.join(victim.record(str(tmp_path)), "metrics.json"), "w") as f:
         f.write("{}")
-    results["ddil"][2] = ablate.read_record(victim, str(tmp_path))
+    results["ddil"][2] = report.read_record(victim, str(tmp_path))
     with pytest.raises(common.UserError, match=f"{victim.name}/metrics.json lacks fd_px100_exact"):
-        ablate.check_complete(results, rows, "paper", "pd", str(tmp_path))
+        report.check_complete(results, rows, "paper", "pd", str(tmp_path))
     with open(os.path.join(victim.record(str(tmp_path)), "metrics.json"), "w") as f:
         f.write('{"evals": ')                                       # a truncated copy
     with pytest.raises(common.UserError, match="metrics.json: unreadable"):
-        ablate.read_record(victim, str(tmp_path))
+        report.read_record(victim, str(tmp_path))
 
 
 @pytest.mark.slow
@@ -1272,10 +1276,11 @@ def test_slurm_time_limit_signal_requeues_and_a_failing_job_says_why(sequential_
     run that receives it saves, requeues itself and resumes; its record shows two attempts and every step
     ran once. The test sends the signal itself (scancel --signal, what slurmctld sends at the warning
     time) once the run trains: a real one-minute limit would race SLURM's coarse timer against the job's
-    start-up, before submitit's handler exists. A run that fails is reported with its own one-line error,
-    not submitit's log path."""
+    start-up, before submitit's handler exists. With a 10-minute limit submitit counts any such signal as
+    the time limit's (not a preemption), so the timeout path is the one taken. A run that fails is
+    reported with its own one-line error, not submitit's log path."""
     one = ["--method", "lcm", "--study", "paper", "--only", "baseline", "--preset", "smoke", "--shift-samples", "0"]
-    argv = [*one, *SLURM, "--signal-delay", "50", "--runs", str(tmp_path / "runs"), "--results",
+    argv = [*one, *SLURM, "--time", "10", "--signal-delay", "50", "--runs", str(tmp_path / "runs"), "--results",
             str(tmp_path / "res"), "--", *_launch_extra(teacher_ckpt), "--iters", "40"]
     r = run(["ablate.py", *argv])                                    # submits the first job and returns
     assert r.returncode == 0 and "submitted job" in r.stdout, r.stderr
@@ -1287,6 +1292,8 @@ def test_slurm_time_limit_signal_requeues_and_a_failing_job_says_why(sequential_
     scripts = list((victim / "submitit").glob("*.sh"))
     assert scripts and all("#SBATCH --signal=USR2@50" in open(f).read() for f in scripts), scripts
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    attempts = lambda: json.load(open(victim / "attempts.json"))["attempts"] if (victim / "attempts.json").is_file() else 0
+    _wait_for(lambda: attempts() >= 2, what="the run to requeue itself and start again")
     waited = run(["ablate.py", *argv[:argv.index("--")], "--wait", *argv[argv.index("--"):]])
     assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr
     assert json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))["attempts"] >= 2
