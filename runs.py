@@ -563,11 +563,14 @@ def read_json(path, *keys):
     return data
 
 
-def write_json(path, data):
-    """Write `data` as JSON, atomically (a temporary file, then a rename), like every file a run leaves."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+def write_json(path, data, indent=1, default=str):
+    """Write `data` as JSON, atomically, like every file a run leaves: a temporary named by this process
+    (path.<pid>.tmp: two writers of one file never share one; remove_stale_temporaries clears a dead
+    writer's), then a rename. default: json.dump's (None: a value JSON cannot hold is an error)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent, default=default)
+    os.replace(tmp, path)
 
 
 def _parse_line(line):

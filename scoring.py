@@ -9,7 +9,6 @@ keys), `evals[N]` (step, seeds, sampler, reference, classifier, timing of the la
 N samples) and `history` (one entry per evaluation, for --eval-every curves).
 """
 
-import json
 import math
 import os
 import time
@@ -136,10 +135,7 @@ def exact_context(dataset, steps, n, guidance=1.0):
             f"exact teacher, DDIM {steps}" + (f", w {guidance:g}" if guidance != 1 else ""):
                 score_exact(ddim, ddim_labels, device, mixture=dataset)[0]}
     rows = {row: {k: v for k, v in m.items() if not k.startswith("lpips")} for row, m in rows.items()}
-    tmp = f"{path}.{os.getpid()}.tmp"          # two runs of a grid may fill it at once: each writes whole
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
+    runs.write_json(path, rows, indent=2, default=None)     # two runs of a grid may fill it at once: each writes whole
     return rows
 
 
@@ -441,9 +437,7 @@ def merge_metrics(path, metrics, record):
         data["skipped"] = skipped
     data.setdefault("evals", {})[str(record["n"])] = dict(record, metrics=sorted(metrics))
     data.setdefault("history", []).append(dict(step=record.get("step"), n=record["n"], **metrics))
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+    runs.write_json(path, data, indent=2, default=None)
 
 
 def summary_line(label, record, metrics):
