@@ -307,7 +307,8 @@ class RunJob:
     exits; the job is requeued and the run resumes from its ckpt.pt. Returns 'done', 'busy' (the run
     directory is in use by another worker: exit 75) or raises with the run's last error line.
 
-    Attempts and wall time are counted in <run>/attempts.json, not in this object: a job that SLURM
+    Attempts, wall time and the run's CPU time (user + system of its process, which a shared machine
+    disturbs far less than the wall time) are counted in <run>/attempts.json, not in this object: a job that SLURM
     requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
 
     def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
@@ -322,6 +323,7 @@ class RunJob:
         os.makedirs(out, exist_ok=True)
         count_path = os.path.join(out, "attempts.json")
         counts = read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
+        counts.setdefault("cpu_s", None if counts["attempts"] else 0.0)     # None: earlier attempts uncounted
         counts["attempts"] += 1
         write_json(count_path, counts)
         log = open(self.log, "a") if self.log else None
@@ -332,7 +334,10 @@ class RunJob:
                 env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]      # the job's CPUs, not the node's
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT if log else None)
-            code = self._proc.wait()
+            _, status, usage = os.wait4(self._proc.pid, 0)     # the run's own CPU time, not the machine's
+            code = self._proc.returncode = os.waitstatus_to_exitcode(status)
+            if counts["cpu_s"] is not None:
+                counts["cpu_s"] += usage.ru_utime + usage.ru_stime
         finally:
             self._proc = None
             counts["wall_s"] += time.time() - t0
@@ -351,7 +356,8 @@ class RunJob:
                                + (f"; full log {self.log}" if self.log else ""))
         if not os.path.isfile(os.path.join(out, "metrics.json")):
             raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], attempts=counts["attempts"]))
+        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], cpu_s=counts["cpu_s"],
+                                                     attempts=counts["attempts"]))
         return "done"
 
     def checkpoint(self, *args, **kwargs):

@@ -791,6 +791,32 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
 
 
 @pytest.mark.slow
+def test_a_runs_record_counts_its_own_cpu_time_beside_its_wall_time(tmp_path):
+    # Oracle: the run's process reports its own CPU time (time.process_time). The record's cpu_s is that plus
+    # the interpreter's start-up, and leaves out the second the run spends asleep, which wall_s includes.
+    script = tmp_path / "burn.py"
+    script.write_text("import json, os, sys, time\n"
+                      "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "time.sleep(1.0)\n"
+                      "t = time.process_time()\n"
+                      "while time.process_time() - t < 0.5:\n    pass\n"
+                      "json.dump({'own_cpu_s': time.process_time()}, open(os.path.join(out, 'metrics.json'), 'w'))\n")
+    run = argparse.Namespace(name="burn-s0", argv=[str(script)], identity={"burn": 1}, settings=[],
+                             record=lambda results: os.path.join(results, "records", "burn-s0"))
+    assert ablate.RunJob(run, str(tmp_path / "runs"), str(tmp_path / "res"))() == "done"
+    record = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "ablate.json"))
+    own = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "metrics.json"))["own_cpu_s"]
+    assert own <= record["cpu_s"] <= own + 2.0, (own, record)
+    assert record["wall_s"] >= record["cpu_s"] + 0.9 and record["attempts"] == 1, record
+    # A run resumed from attempts counted before CPU time was recorded: its CPU time is unknown, not partial.
+    os.remove(tmp_path / "res" / "records" / "burn-s0" / "ablate.json")
+    runs.write_json(str(tmp_path / "runs" / "burn-s0" / "attempts.json"), dict(attempts=1, wall_s=5.0))
+    assert ablate.RunJob(run, str(tmp_path / "runs"), str(tmp_path / "res"))() == "done"
+    record = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "ablate.json"))
+    assert record["cpu_s"] is None and record["attempts"] == 2 and record["wall_s"] > 6.0, record
+
+
+@pytest.mark.slow
 def test_a_grid_never_reuses_a_run_trained_with_other_settings(teacher_ckpt, tmp_path):
     # Rows shared between studies are one run; the same row with another budget (what follows `--`) is
     # another run, in its own directory: a 2000-iteration reference row never serves a 20000-iteration table.
@@ -835,16 +861,20 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
         out.mkdir(parents=True)
         scoring.merge_metrics(str(out / "metrics.json"), {"fid20_train500": 10.0 + i, "teacher_mse20_ddim64": 0.1 * i},
                                  dict(n=20))
-        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0))
+        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=None if i == 0 else 30.0))
     monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
-    ablate.main(["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
+    ablate.main(["--method", "lcm", "--study", "paper", "--preset", "smoke", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
                  "--results", str(tmp_path / "results"), "--shift-samples", "0", "--", *extra])
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+    cpu = [row[cells[0].index("cpu_min")] for row in cells[1:4]]      # CPU time: a row's mean only where every seed has one
+    assert sorted(cpu) == ["", "0.5 ± 0", "0.5 ± 0"], cpu
     # --tables needs no teacher either (its checkpoint gone here): it takes the one the records name.
     os.remove(tmp_path / "results" / "paper-lcm.md")
-    argv = ["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--tables", "--runs", str(tmp_path / "empty"),
+    argv = ["--method", "lcm", "--study", "paper", "--preset", "smoke", "--seeds", "0,1", "--tables", "--runs",
+            str(tmp_path / "empty"),
             "--results", str(tmp_path / "results"), "--shift-samples", "0", "--",
             *[a if a != teacher_ckpt else str(tmp_path / "gone.pt") for a in extra]]
     ablate.main(argv)
