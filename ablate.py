@@ -835,11 +835,9 @@ def main(argv=None):
         summary, cols = report.summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
         seeds = list(rows[0][1]) if args.recorded else args.seeds     # --seeds recorded: the table's own
-        report.write_outputs(summary, cols, study, method, args.preset, ref, seeds, configs, args.results,
-                             adjusted=args.preset not in FIRST_PUBLISHED)
-        if notes.get((study, method)):                  # --seeds recorded: the table says which rows it lacks
-            with open(os.path.join(args.results, f"{study}-{method}.md"), "a") as f:
-                f.write(f"\n{notes[(study, method)]}\n")
+        report.write_outputs(summary, cols, study=study, method=method, preset=args.preset, ref=ref, seeds=seeds,
+                             configs=configs, out_dir=args.results, adjusted=args.preset not in FIRST_PUBLISHED,
+                             note=notes.get((study, method)))   # --seeds recorded: the rows a table lacks
         if study in ("paper", "paper2") and args.shift_samples:
             memo, runs_dir = {}, None if args.tables else args.runs
             report.write_shift(method, args.preset, rows, args.results, args.shift_samples,

@@ -187,9 +187,11 @@ def held_fixed(configs):
 
 # --- Writing the table, CSV and plot ---
 
-def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_dir, adjusted=True):
-    """<study>-<method>.md/.csv/.png from summarise's rows. adjusted: Holm-adjusted p-values and the
-    out-of-range section (False: the form the first benchmark's tables were published in)."""
+def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out_dir, adjusted=True, note=None):
+    """<study>-<method>.md/.csv/.png from summarise's (rows, cols): `ref` the reference row, `seeds` and
+    `configs` (every run's resolved config) for the header. adjusted: Holm-adjusted p-values and the
+    out-of-range section (False: the form the first benchmark's tables were published in). note: a last
+    paragraph (which rows a table in progress lacks)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{study}-{method}")
     metrics = [c for c in list(cols) + ["wall_min", "cpu_min"] if any(c in r for r in rows)]
@@ -267,6 +269,8 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
         if lacking:
             lines += ["", f"Not shown: {', '.join(lacking)} (a seed's record lacks x0_oor or a training log with "
                           "clip rates)."]
+    if note:
+        lines += ["", note]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_bars(rows, [m for m in metrics if m not in ("wall_min", "cpu_min")], cols, stem + ".png", f"{study} — {method} ({preset})")

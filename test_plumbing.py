@@ -951,8 +951,8 @@ def test_tables_report_the_out_of_range_share_of_x0_per_step_and_in_training(tmp
     assert "train_oor" not in rows[2] and rows[2]["x0_oor"] == [0.0, 0.0]
     configs = [{"steps": 2, "seed": s} for s in (0, 1, 0, 1, 0, 1)]
     for preset, shown in (("gmm2", True), ("gmm", False)):
-        report.write_outputs(rows, cols, "threshold", "lcm", preset, "none", [0, 1], configs, str(tmp_path / preset),
-                             adjusted=preset not in ablate.FIRST_PUBLISHED)
+        report.write_outputs(rows, cols, study="threshold", method="lcm", preset=preset, ref="none", seeds=[0, 1],
+                             configs=configs, out_dir=str(tmp_path / preset), adjusted=preset not in ablate.FIRST_PUBLISHED)
         text = (tmp_path / preset / "threshold-lcm.md").read_text()
         assert ("| none | 2 | 1.5 | 0 | 2 |" in text and "| teacher | 6 | 1 | 0 | 0 |" in text) == shown, text
         assert ("Not shown: student (a seed's record lacks" in text) == shown and "| student | 1 |" not in text
