@@ -4,7 +4,7 @@
     python ablate.py --method all --study threshold                     # where thresholding is applied
     python ablate.py --method all --study paper --preset smoke          # baseline / +DDIL / +Reflected+DDIL
     python ablate.py --method lcm --study paper2 --preset smoke         # the same rows at 2 student steps
-    python ablate.py --method pd --study priors,threshold -- --iters 2000   # both grids, shorter runs
+    python ablate.py --method pd --study priors,threshold -- --iters 2000   # both grids, another budget
 
 A run's identity is its resolved configuration (what its script's --dry-run prints, minus where it
 writes and how often it logs) plus the teacher's own recorded configuration: two rows, or two
@@ -12,14 +12,14 @@ studies, whose runs resolve to the same settings share one run, and a run with o
 different `-- --iters`, `--eval-samples`, teacher, data ...) is a different run, never a silent
 reuse. Runs train in <runs>/<method>-<preset>-<hash>-s<seed>/ (checkpoints, not committed); when one
 finishes, its small record (config.json, metrics.json, log.jsonl, ablate.json with the identity,
-command and wall time) is copied to <results>/records/<same name>/, and a grid counts a run as done
+command, wall time and CPU time) is copied to <results>/records/<same name>/, and a grid counts a run as done
 from its record alone, so a grid resumes on a fresh clone from committed records, and `--tables`
 rewrites every table from the records alone (the teacher is the one they recorded). Outputs, per
 study and method, in <results>/:
 
     <study>-<method>.md    table: mean ± std over seeds of every metric (one full metric key per column,
                            e.g. fid10k_train: rows evaluated at different sample counts are an error),
-                           wall time per run, paired deltas to the study's reference row (per seed, then
+                           wall and CPU time per run, paired deltas to the study's reference row (per seed, then
                            averaged, 95 % t-interval over seeds, the paired t-test's p raw and
                            Holm-adjusted over the table; * where the adjusted p < 0.05), the
                            settings held fixed and varied across its rows (from the resolved configs),
@@ -308,12 +308,13 @@ class RunJob:
     directory is in use by another worker: exit 75) or raises with the run's last error line.
 
     Attempts, wall time and the run's CPU time (user + system of its process, which a shared machine
-    disturbs far less than the wall time) are counted in <run>/attempts.json, not in this object: a job that SLURM
+    disturbs far less than the wall time; recorded only when every attempt's was counted) are counted in
+    <run>/attempts.json, not in this object: a job that SLURM
     requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
 
     def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
-        self.stop_within, self._proc = stop_within, None
+        self.stop_within, self._proc, self._counts = stop_within, None, None
 
     def __call__(self):
         if is_done(self.run, self.results):             # finished by another worker meanwhile
@@ -323,7 +324,7 @@ class RunJob:
         os.makedirs(out, exist_ok=True)
         count_path = os.path.join(out, "attempts.json")
         counts = read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
-        counts.setdefault("cpu_s", None if counts["attempts"] else 0.0)     # None: earlier attempts uncounted
+        counts = self._counts = {"cpu_s": 0.0, "cpu_attempts": 0, **counts}
         counts["attempts"] += 1
         write_json(count_path, counts)
         log = open(self.log, "a") if self.log else None
@@ -334,10 +335,8 @@ class RunJob:
                 env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]      # the job's CPUs, not the node's
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT if log else None)
-            _, status, usage = os.wait4(self._proc.pid, 0)     # the run's own CPU time, not the machine's
-            code = self._proc.returncode = os.waitstatus_to_exitcode(status)
-            if counts["cpu_s"] is not None:
-                counts["cpu_s"] += usage.ru_utime + usage.ru_stime
+            self._reap(0)
+            code = self._proc.returncode
         finally:
             self._proc = None
             counts["wall_s"] += time.time() - t0
@@ -356,32 +355,41 @@ class RunJob:
                                + (f"; full log {self.log}" if self.log else ""))
         if not os.path.isfile(os.path.join(out, "metrics.json")):
             raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], cpu_s=counts["cpu_s"],
-                                                     attempts=counts["attempts"]))
+        cpu_s = counts["cpu_s"] if counts["cpu_attempts"] == counts["attempts"] else None   # None: not every attempt's
+        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], cpu_s=cpu_s, attempts=counts["attempts"]))
         return "done"
+
+    def _reap(self, flags):
+        """Collect the run's exited process with its own CPU time (os.wait4), added to the attempt counts.
+        flags os.WNOHANG: do not block. True once the process is collected (here or before)."""
+        try:
+            pid, status, usage = os.wait4(self._proc.pid, flags)
+        except ChildProcessError:                       # collected already (by the handler below)
+            return True
+        if pid == 0:
+            return False
+        self._proc.returncode = os.waitstatus_to_exitcode(status)
+        self._counts["cpu_s"] += usage.ru_utime + usage.ru_stime
+        self._counts["cpu_attempts"] += 1
+        return True
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption / timeout hook: stop the run at a step boundary, then requeue this job."""
         from submitit.helpers import DelayedSubmission
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)             # the run saves its checkpoint and exits 130
-            # Not proc.wait(): this handler interrupts __call__ inside proc.wait(), which holds the Popen's
-            # waitpid lock, so a second wait here could only time out. Reap the run directly.
+        if proc is not None and proc.returncode is None and not self._reap(os.WNOHANG):
+            # This handler interrupts __call__ inside os.wait4: reap the run here (with its CPU time), never
+            # through Popen, whose poll would collect it and lose the CPU time.
+            os.kill(proc.pid, signal.SIGTERM)            # the run saves its checkpoint and exits 130
             deadline = time.time() + self.stop_within       # then the job must still be requeued in time
-            while time.time() < deadline:
-                try:
-                    if os.waitpid(proc.pid, os.WNOHANG)[0]:
-                        break
-                except ChildProcessError:
-                    break
+            while time.time() < deadline and not self._reap(os.WNOHANG):
                 time.sleep(0.1)
-            else:
-                proc.kill()
+            if proc.returncode is None:
+                proc.kill()                             # its CPU time is then not counted: the record says None
         return DelayedSubmission(self)
 
     def __getstate__(self):                             # pickled by submitit: no process handle
-        return {**self.__dict__, "_proc": None}
+        return {**self.__dict__, "_proc": None, "_counts": None}
 
 
 def last_error_line(log):

@@ -108,6 +108,8 @@ def run_script(module, argv, iters):
             torch.cuda.reset_peak_memory_stats()
         module.main([*argv, "--iters", str(iters), "--log-every", str(every)])
     log = runs.read_log(os.path.join(out, "log.jsonl"))[1:]
+    if not log:
+        raise common.UserError(f"{out}/log.jsonl has no interval after the first to time (more --iters)")
     ms = sum(r["ms_per_it"] * (r["step"] - p["step"]) for p, r in zip(log, log[1:])) / (log[-1]["step"] - log[0]["step"]) \
         if len(log) > 1 else log[0]["ms_per_it"]
     return ms, log[-1].get("mem_gb", float("nan"))

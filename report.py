@@ -2,7 +2,7 @@
 the table, CSV and bar plot of each study, the covariate-shift diagnostic and the learning curves.
 ablate.py runs the grids and calls these; nothing here trains or reads a checkpoint. The record of a
 run is <results>/records/<run>/: config.json, metrics.json, log.jsonl, ablate.json (identity, command,
-wall time) and, for the paper studies, shift<n>.json."""
+wall time, CPU time) and, for the paper studies, shift<n>.json."""
 
 import csv
 import json
@@ -50,7 +50,7 @@ def read_record(run, results):
         row["train_oor"] = [float(np.mean([r[k] for r in logged])) for k in ("clip_pct", "clip_student_pct")]
     timing = runs.read_json(os.path.join(rec, "ablate.json"), "wall_s")
     row["wall_min"] = timing["wall_s"] / 60
-    if timing.get("cpu_s") is not None:                 # recorded since the first gmm2 grids
+    if timing.get("cpu_s") is not None:                 # records made before CPU time was counted have none
         row["cpu_min"] = timing["cpu_s"] / 60
     return row
 
@@ -223,7 +223,7 @@ def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out
              + "Columns are full metric keys (sample count and reference)."
              + (" wall_min: the run's wall-clock minutes, which other work on the machine inflates (not a speed "
                 "measurement); cpu_min, where every seed recorded it: the CPU minutes of the run's process."
-                if adjusted else ""), "",
+                if adjusted or "cpu_min" in metrics else ""), "",
              "| setting | " + " | ".join(cols.get(m, m) for m in metrics) + (" | " if deltas else "")
              + " | ".join(f"Δ{m}" for m in deltas) + " |",
              "|" + "---|" * (1 + len(metrics) + len(deltas))]

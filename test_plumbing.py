@@ -742,7 +742,7 @@ STUDIED = {"priors": {"beta_fwd", "beta_teacher", "beta_student", "priors", "pri
            "threshold": {"threshold_teacher", "threshold_student", "threshold_critic", "sample_clip"}}
 
 
-def test_ablation_rows_differ_only_in_the_studied_flags():
+def test_ablation_rows_differ_only_in_the_studied_flags(monkeypatch):
     # The resolved configuration of every row (what the run actually trains with), compared across the rows
     # of each study: only the studied settings may differ; and each row resolves to what its name says.
     for m in ("pd", "lcm", "dmd2"):
@@ -786,8 +786,11 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
     assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm2"])[0].study == list(ablate.STUDIES)
     assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm"])[0].study == \
         ["priors", "threshold", "paper"]                                 # the first benchmark's grids as published
-    if not torch.cuda.is_available():                                    # auto without CUDA: the benchmark that can answer
-        assert ablate.parse_args(["--method", "lcm", "--study", "paper"])[0].preset == "gmm2"
+    for cuda, launch, preset in ((False, [], "gmm2"), (True, [], "cifar10"), (False, ["--launcher", "slurm"], "cifar10"),
+                                 (False, ["--launcher", "slurm", "--gpus-per-job", "0"], "gmm2")):
+        with monkeypatch.context() as m:                     # auto: cifar10 where GPUs are, else the benchmark that can answer
+            m.setattr(torch.cuda, "is_available", lambda: cuda)
+            assert ablate.parse_args(["--method", "lcm", "--study", "paper", *launch])[0].preset == preset, (cuda, launch)
 
 
 @pytest.mark.slow
@@ -975,11 +978,12 @@ def _records(results):
     return out
 
 
-def _table_without_wall(path):
-    """The table's rows, every column but the wall time (which differs between launchers)."""
+def _table_without_times(path):
+    """The table's rows, every column but the wall and CPU times (which differ from run to run)."""
     rows = [line.split(" | ") for line in open(path).read().splitlines() if line.startswith("| ")]
-    wall = rows[0].index("wall_min")
-    return [r[:wall] + r[wall + 1:] for r in rows]
+    times = [i for i, c in enumerate(rows[0]) if c in ("wall_min", "cpu_min")]
+    assert len(times) == 2, rows[0]                            # a grid made here records both
+    return [[c for i, c in enumerate(r) if i not in times] for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -998,8 +1002,8 @@ def test_local_launcher_runs_in_parallel_and_gives_the_sequential_table(sequenti
     out = capsys.readouterr().out
     assert "[2/2 done | 0 running | 0 left" in out and "shared caches for synthetic" in out
     assert _records(tmp_path / "res") == _records(sequential_grid / "res")
-    assert _table_without_wall(tmp_path / "res" / "paper-lcm.md") == \
-        _table_without_wall(sequential_grid / "res" / "paper-lcm.md")
+    assert _table_without_times(tmp_path / "res" / "paper-lcm.md") == \
+        _table_without_times(sequential_grid / "res" / "paper-lcm.md")
     for name in os.listdir(tmp_path / "runs"):                   # parallel runs log to their own directory
         assert (tmp_path / "runs" / name / "stdout.log").is_file()
 
@@ -1328,7 +1332,8 @@ def test_slurm_time_limit_signal_requeues_and_a_failing_job_says_why(sequential_
     _wait_for(lambda: attempts() >= 2, what="the run to requeue itself and start again")
     waited = run(["ablate.py", *argv[:argv.index("--")], "--wait", *argv[argv.index("--"):]])
     assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr
-    assert json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))["attempts"] >= 2
+    record = json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))
+    assert record["attempts"] >= 2 and 0 < record["cpu_s"] < 2 * record["wall_s"], record   # the handler kept its CPU time
     steps = [row["step"] for row in read_log(victim)]
     assert steps == list(range(1, 41))                              # every step once: resumed, not restarted
     bad = [*one, *SLURM, "--runs", str(tmp_path / "bad"), "--results",
