@@ -4,7 +4,7 @@
     python ablate.py --method all --study threshold                     # where thresholding is applied
     python ablate.py --method all --study paper --preset smoke          # baseline / +DDIL / +Reflected+DDIL
     python ablate.py --method lcm --study paper2 --preset smoke         # the same rows at 2 student steps
-    python ablate.py --method pd --study priors,threshold -- --iters 2000   # both grids, shorter runs
+    python ablate.py --method pd --study priors,threshold -- --iters 2000   # both grids, another budget
 
 A run's identity is its resolved configuration (what its script's --dry-run prints, minus where it
 writes and how often it logs) plus the teacher's own recorded configuration: two rows, or two
@@ -12,14 +12,14 @@ studies, whose runs resolve to the same settings share one run, and a run with o
 different `-- --iters`, `--eval-samples`, teacher, data ...) is a different run, never a silent
 reuse. Runs train in <runs>/<method>-<preset>-<hash>-s<seed>/ (checkpoints, not committed); when one
 finishes, its small record (config.json, metrics.json, log.jsonl, ablate.json with the identity,
-command and wall time) is copied to <results>/records/<same name>/, and a grid counts a run as done
+command, wall time and CPU time) is copied to <results>/records/<same name>/, and a grid counts a run as done
 from its record alone, so a grid resumes on a fresh clone from committed records, and `--tables`
 rewrites every table from the records alone (the teacher is the one they recorded). Outputs, per
 study and method, in <results>/:
 
     <study>-<method>.md    table: mean ± std over seeds of every metric (one full metric key per column,
                            e.g. fid10k_train: rows evaluated at different sample counts are an error),
-                           wall time per run, paired deltas to the study's reference row (per seed, then
+                           wall and CPU time per run, paired deltas to the study's reference row (per seed, then
                            averaged, 95 % t-interval over seeds, the paired t-test's p raw and
                            Holm-adjusted over the table; * where the adjusted p < 0.05), the
                            settings held fixed and varied across its rows (from the resolved configs),
@@ -307,12 +307,14 @@ class RunJob:
     exits; the job is requeued and the run resumes from its ckpt.pt. Returns 'done', 'busy' (the run
     directory is in use by another worker: exit 75) or raises with the run's last error line.
 
-    Attempts and wall time are counted in <run>/attempts.json, not in this object: a job that SLURM
+    Attempts, wall time and the run's CPU time (user + system of its process, which a shared machine
+    disturbs far less than the wall time; recorded only when every attempt's was counted) are counted in
+    <run>/attempts.json, not in this object: a job that SLURM
     requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
 
     def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
-        self.stop_within, self._proc = stop_within, None
+        self.stop_within, self._proc, self._counts = stop_within, None, None
 
     def __call__(self):
         if is_done(self.run, self.results):             # finished by another worker meanwhile
@@ -322,6 +324,7 @@ class RunJob:
         os.makedirs(out, exist_ok=True)
         count_path = os.path.join(out, "attempts.json")
         counts = read_json(count_path) if os.path.isfile(count_path) else dict(attempts=0, wall_s=0.0)
+        counts = self._counts = {"cpu_s": 0.0, "cpu_attempts": 0, **counts}
         counts["attempts"] += 1
         write_json(count_path, counts)
         log = open(self.log, "a") if self.log else None
@@ -332,7 +335,8 @@ class RunJob:
                 env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]      # the job's CPUs, not the node's
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT if log else None)
-            code = self._proc.wait()
+            self._reap(0)
+            code = self._proc.returncode
         finally:
             self._proc = None
             counts["wall_s"] += time.time() - t0
@@ -351,31 +355,41 @@ class RunJob:
                                + (f"; full log {self.log}" if self.log else ""))
         if not os.path.isfile(os.path.join(out, "metrics.json")):
             raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
-        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], attempts=counts["attempts"]))
+        cpu_s = counts["cpu_s"] if counts["cpu_attempts"] == counts["attempts"] else None   # None: not every attempt's
+        save_record(self.run, out, self.results, dict(wall_s=counts["wall_s"], cpu_s=cpu_s, attempts=counts["attempts"]))
         return "done"
+
+    def _reap(self, flags):
+        """Collect the run's exited process with its own CPU time (os.wait4), added to the attempt counts.
+        flags os.WNOHANG: do not block. True once the process is collected (here or before)."""
+        try:
+            pid, status, usage = os.wait4(self._proc.pid, flags)
+        except ChildProcessError:                       # collected already (by the handler below)
+            return True
+        if pid == 0:
+            return False
+        self._proc.returncode = os.waitstatus_to_exitcode(status)
+        self._counts["cpu_s"] += usage.ru_utime + usage.ru_stime
+        self._counts["cpu_attempts"] += 1
+        return True
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption / timeout hook: stop the run at a step boundary, then requeue this job."""
         from submitit.helpers import DelayedSubmission
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)             # the run saves its checkpoint and exits 130
-            # Not proc.wait(): this handler interrupts __call__ inside proc.wait(), which holds the Popen's
-            # waitpid lock, so a second wait here could only time out. Reap the run directly.
+        if proc is not None and proc.returncode is None and not self._reap(os.WNOHANG):
+            # This handler interrupts __call__ inside os.wait4: reap the run here (with its CPU time), never
+            # through Popen, whose poll would collect it and lose the CPU time.
+            os.kill(proc.pid, signal.SIGTERM)            # the run saves its checkpoint and exits 130
             deadline = time.time() + self.stop_within       # then the job must still be requeued in time
-            while time.time() < deadline:
-                try:
-                    if os.waitpid(proc.pid, os.WNOHANG)[0]:
-                        break
-                except ChildProcessError:
-                    break
+            while time.time() < deadline and not self._reap(os.WNOHANG):
                 time.sleep(0.1)
-            else:
-                proc.kill()
+            if proc.returncode is None:
+                proc.kill()                             # its CPU time is then not counted: the record says None
         return DelayedSubmission(self)
 
     def __getstate__(self):                             # pickled by submitit: no process handle
-        return {**self.__dict__, "_proc": None}
+        return {**self.__dict__, "_proc": None, "_counts": None}
 
 
 def last_error_line(log):
@@ -652,7 +666,8 @@ def parse_args(argv=None):
                         "the first-published preset gmm, whose 'all' is its three studies), a comma-separated list, "
                         "or all")
     p.add_argument("--preset", choices=("auto",) + PRESETS, default="auto",
-                   help="preset of every run (auto: cifar10 with CUDA, else smoke)")
+                   help="preset of every run (auto: cifar10 with CUDA, else gmm2, the exact benchmark whose results are "
+                        "committed in results/gmm2; smoke is for testing the CIFAR-10 code path)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated training seeds, e.g. 0,1,2; with --tables also 'recorded': each table on "
                         "its reference row's recorded seeds, with the rows recorded on all of them, ending with the "
@@ -717,7 +732,7 @@ def parse_args(argv=None):
         p.error(f"argument --seeds: {','.join(map(str, args.seeds))} repeats a seed (each seed is one run per row)")
     if args.preset == "auto":       # on a cluster, the compute nodes decide: GPUs asked for means cifar10
         gpus = torch.cuda.is_available() or (args.launcher == "slurm" and args.gpus_per_job > 0)
-        args.preset = "cifar10" if gpus else "smoke"
+        args.preset = "cifar10" if gpus else "gmm2"     # a CPU grid that can answer, not a smoke test
     try:                            # the first-published presets keep their three studies
         args.study = _list(STUDIES[:3] if args.preset in FIRST_PUBLISHED else STUDIES, "study")(args.study)
     except argparse.ArgumentTypeError as e:
@@ -828,11 +843,9 @@ def main(argv=None):
         summary, cols = report.summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
         seeds = list(rows[0][1]) if args.recorded else args.seeds     # --seeds recorded: the table's own
-        report.write_outputs(summary, cols, study, method, args.preset, ref, seeds, configs, args.results,
-                             adjusted=args.preset not in FIRST_PUBLISHED)
-        if notes.get((study, method)):                  # --seeds recorded: the table says which rows it lacks
-            with open(os.path.join(args.results, f"{study}-{method}.md"), "a") as f:
-                f.write(f"\n{notes[(study, method)]}\n")
+        report.write_outputs(summary, cols, study=study, method=method, preset=args.preset, ref=ref, seeds=seeds,
+                             configs=configs, out_dir=args.results, adjusted=args.preset not in FIRST_PUBLISHED,
+                             note=notes.get((study, method)))   # --seeds recorded: the rows a table lacks
         if study in ("paper", "paper2") and args.shift_samples:
             memo, runs_dir = {}, None if args.tables else args.runs
             report.write_shift(method, args.preset, rows, args.results, args.shift_samples,

@@ -101,15 +101,15 @@ def random_teacher(preset, device, path):
 def run_script(module, argv, iters):
     """module.main(argv + --iters/--log-every) with its output captured. Returns the steady-state ms/it
     (mean over the log intervals after the first) and the peak GPU memory in GB (nan on the CPU)."""
-    import json
     out = argv[argv.index("--out") + 1]
     every = max(1, iters // 3)
     with contextlib.redirect_stdout(io.StringIO()):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         module.main([*argv, "--iters", str(iters), "--log-every", str(every)])
-    with open(os.path.join(out, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f][1:]
+    log = runs.read_log(os.path.join(out, "log.jsonl"))[1:]
+    if not log:
+        raise common.UserError(f"{out}/log.jsonl has no interval after the first to time (more --iters)")
     ms = sum(r["ms_per_it"] * (r["step"] - p["step"]) for p, r in zip(log, log[1:])) / (log[-1]["step"] - log[0]["step"]) \
         if len(log) > 1 else log[0]["ms_per_it"]
     return ms, log[-1].get("mem_gb", float("nan"))

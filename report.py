@@ -2,7 +2,7 @@
 the table, CSV and bar plot of each study, the covariate-shift diagnostic and the learning curves.
 ablate.py runs the grids and calls these; nothing here trains or reads a checkpoint. The record of a
 run is <results>/records/<run>/: config.json, metrics.json, log.jsonl, ablate.json (identity, command,
-wall time) and, for the paper studies, shift<n>.json."""
+wall time, CPU time) and, for the paper studies, shift<n>.json."""
 
 import csv
 import json
@@ -32,7 +32,8 @@ def read_record(run, results):
     """{full metric key: value} of the evaluation with the run's own --eval-samples, its drift list
     (key 'drift'), the share of its sampler's x̂_0 pixels outside [-1, 1] per step (key 'x0_oor', where
     evaluated), the training log's mean out-of-range shares of the teacher's and the student's x̂_0 (key
-    'train_oor': [teacher %, student %], where logged), and its wall time in minutes."""
+    'train_oor': [teacher %, student %], where logged), its wall time in minutes and, where recorded, its
+    CPU time in minutes (key 'cpu_min')."""
     rec = run.record(results)
     m = runs.read_json(os.path.join(rec, "metrics.json"))
     n = run.config["eval_samples"]
@@ -47,7 +48,10 @@ def read_record(run, results):
     logged = [r for r in runs.read_log(os.path.join(rec, "log.jsonl")) if "clip_pct" in r and "clip_student_pct" in r]
     if logged:
         row["train_oor"] = [float(np.mean([r[k] for r in logged])) for k in ("clip_pct", "clip_student_pct")]
-    row["wall_min"] = runs.read_json(os.path.join(rec, "ablate.json"), "wall_s")["wall_s"] / 60
+    timing = runs.read_json(os.path.join(rec, "ablate.json"), "wall_s")
+    row["wall_min"] = timing["wall_s"] / 60
+    if timing.get("cpu_s") is not None:                 # records made before CPU time was counted have none
+        row["cpu_min"] = timing["cpu_s"] / 60
     return row
 
 
@@ -129,10 +133,10 @@ def summarise(results, ref):
     rows = []
     for setting, by_seed in results.items():
         row = {"setting": setting, "seeds": ",".join(str(s) for s in sorted(by_seed))}
-        for c in list(cols) + ["wall_min"]:
+        for c in list(cols) + ["wall_min", "cpu_min"]:
             key = cols.get(c, c)
             vals = [r[key] for r in by_seed.values() if key in r]
-            if vals:
+            if vals and (c != "cpu_min" or len(vals) == len(by_seed)):    # a CPU time of some seeds only: none
                 row[c] = float(np.mean(vals))
                 row[c + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         drifts = [r["drift"] for r in by_seed.values() if "drift" in r]
@@ -183,12 +187,14 @@ def held_fixed(configs):
 
 # --- Writing the table, CSV and plot ---
 
-def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_dir, adjusted=True):
-    """<study>-<method>.md/.csv/.png from summarise's rows. adjusted: Holm-adjusted p-values and the
-    out-of-range section (False: the form the first benchmark's tables were published in)."""
+def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out_dir, adjusted=True, note=None):
+    """<study>-<method>.md/.csv/.png from summarise's (rows, cols): `ref` the reference row, `seeds` and
+    `configs` (every run's resolved config) for the header. adjusted: Holm-adjusted p-values and the
+    out-of-range section (False: the form the first benchmark's tables were published in). note: a last
+    paragraph (which rows a table in progress lacks)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{study}-{method}")
-    metrics = [c for c in list(cols) + ["wall_min"] if any(c in r for r in rows)]
+    metrics = [c for c in list(cols) + ["wall_min", "cpu_min"] if any(c in r for r in rows)]
     deltas = [c for c in cols if any(f"d_{c}" in r for r in rows)]
     with open(stem + ".csv", "w", newline="") as f:
         keys = ["setting", "seeds"] + [k for m in metrics for k in (m, m + "_std")] + \
@@ -214,7 +220,10 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
              + ("then the paired t-test's p-value, raw / Holm-adjusted over every Δ of this table; * marks a "
                 "Holm-adjusted p < 0.05 (read the adjusted one: a table makes dozens of comparisons). "
                 if adjusted else "* marks an interval that excludes zero. ")
-             + "Columns are full metric keys (sample count and reference).", "",
+             + "Columns are full metric keys (sample count and reference)."
+             + (" wall_min: the run's wall-clock minutes, which other work on the machine inflates (not a speed "
+                "measurement); cpu_min, where every seed recorded it: the CPU minutes of the run's process."
+                if adjusted or "cpu_min" in metrics else ""), "",
              "| setting | " + " | ".join(cols.get(m, m) for m in metrics) + (" | " if deltas else "")
              + " | ".join(f"Δ{m}" for m in deltas) + " |",
              "|" + "---|" * (1 + len(metrics) + len(deltas))]
@@ -260,9 +269,11 @@ def write_outputs(rows, cols, study, method, preset, ref, seeds, configs, out_di
         if lacking:
             lines += ["", f"Not shown: {', '.join(lacking)} (a seed's record lacks x0_oor or a training log with "
                           "clip rates)."]
+    if note:
+        lines += ["", note]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_bars(rows, [m for m in metrics if m != "wall_min"], cols, stem + ".png", f"{study} — {method} ({preset})")
+    plot_bars(rows, [m for m in metrics if m not in ("wall_min", "cpu_min")], cols, stem + ".png", f"{study} — {method} ({preset})")
     print("\n".join(lines[8:]))
     print(f"wrote {stem}.md, .csv, .png")
 

@@ -742,7 +742,7 @@ STUDIED = {"priors": {"beta_fwd", "beta_teacher", "beta_student", "priors", "pri
            "threshold": {"threshold_teacher", "threshold_student", "threshold_critic", "sample_clip"}}
 
 
-def test_ablation_rows_differ_only_in_the_studied_flags():
+def test_ablation_rows_differ_only_in_the_studied_flags(monkeypatch):
     # The resolved configuration of every row (what the run actually trains with), compared across the rows
     # of each study: only the studied settings may differ; and each row resolves to what its name says.
     for m in ("pd", "lcm", "dmd2"):
@@ -786,6 +786,37 @@ def test_ablation_rows_differ_only_in_the_studied_flags():
     assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm2"])[0].study == list(ablate.STUDIES)
     assert ablate.parse_args(["--method", "lcm", "--study", "all", "--preset", "gmm"])[0].study == \
         ["priors", "threshold", "paper"]                                 # the first benchmark's grids as published
+    for cuda, launch, preset in ((False, [], "gmm2"), (True, [], "cifar10"), (False, ["--launcher", "slurm"], "cifar10"),
+                                 (False, ["--launcher", "slurm", "--gpus-per-job", "0"], "gmm2")):
+        with monkeypatch.context() as m:                     # auto: cifar10 where GPUs are, else the benchmark that can answer
+            m.setattr(torch.cuda, "is_available", lambda: cuda)
+            assert ablate.parse_args(["--method", "lcm", "--study", "paper", *launch])[0].preset == preset, (cuda, launch)
+
+
+@pytest.mark.slow
+def test_a_runs_record_counts_its_own_cpu_time_beside_its_wall_time(tmp_path):
+    # Oracle: the run's process reports its own CPU time (time.process_time). The record's cpu_s is that plus
+    # the interpreter's start-up, and leaves out the second the run spends asleep, which wall_s includes.
+    script = tmp_path / "burn.py"
+    script.write_text("import json, os, sys, time\n"
+                      "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "time.sleep(1.0)\n"
+                      "t = time.process_time()\n"
+                      "while time.process_time() - t < 0.5:\n    pass\n"
+                      "json.dump({'own_cpu_s': time.process_time()}, open(os.path.join(out, 'metrics.json'), 'w'))\n")
+    run = argparse.Namespace(name="burn-s0", argv=[str(script)], identity={"burn": 1}, settings=[],
+                             record=lambda results: os.path.join(results, "records", "burn-s0"))
+    assert ablate.RunJob(run, str(tmp_path / "runs"), str(tmp_path / "res"))() == "done"
+    record = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "ablate.json"))
+    own = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "metrics.json"))["own_cpu_s"]
+    assert own <= record["cpu_s"] <= own + 2.0, (own, record)
+    assert record["wall_s"] >= record["cpu_s"] + 0.9 and record["attempts"] == 1, record
+    # A run resumed from attempts counted before CPU time was recorded: its CPU time is unknown, not partial.
+    os.remove(tmp_path / "res" / "records" / "burn-s0" / "ablate.json")
+    runs.write_json(str(tmp_path / "runs" / "burn-s0" / "attempts.json"), dict(attempts=1, wall_s=5.0))
+    assert ablate.RunJob(run, str(tmp_path / "runs"), str(tmp_path / "res"))() == "done"
+    record = json.load(open(tmp_path / "res" / "records" / "burn-s0" / "ablate.json"))
+    assert record["cpu_s"] is None and record["attempts"] == 2 and record["wall_s"] > 6.0, record
 
 
 @pytest.mark.slow
@@ -833,16 +864,20 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
         out.mkdir(parents=True)
         scoring.merge_metrics(str(out / "metrics.json"), {"fid20_train500": 10.0 + i, "teacher_mse20_ddim64": 0.1 * i},
                                  dict(n=20))
-        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0))
+        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=None if i == 0 else 30.0))
     monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
-    ablate.main(["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
+    ablate.main(["--method", "lcm", "--study", "paper", "--preset", "smoke", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
                  "--results", str(tmp_path / "results"), "--shift-samples", "0", "--", *extra])
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+    cpu = [row[cells[0].index("cpu_min")] for row in cells[1:4]]      # CPU time: a row's mean only where every seed has one
+    assert sorted(cpu) == ["", "0.5 ± 0", "0.5 ± 0"], cpu
     # --tables needs no teacher either (its checkpoint gone here): it takes the one the records name.
     os.remove(tmp_path / "results" / "paper-lcm.md")
-    argv = ["--method", "lcm", "--study", "paper", "--seeds", "0,1", "--tables", "--runs", str(tmp_path / "empty"),
+    argv = ["--method", "lcm", "--study", "paper", "--preset", "smoke", "--seeds", "0,1", "--tables", "--runs",
+            str(tmp_path / "empty"),
             "--results", str(tmp_path / "results"), "--shift-samples", "0", "--",
             *[a if a != teacher_ckpt else str(tmp_path / "gone.pt") for a in extra]]
     ablate.main(argv)
@@ -919,8 +954,8 @@ def test_tables_report_the_out_of_range_share_of_x0_per_step_and_in_training(tmp
     assert "train_oor" not in rows[2] and rows[2]["x0_oor"] == [0.0, 0.0]
     configs = [{"steps": 2, "seed": s} for s in (0, 1, 0, 1, 0, 1)]
     for preset, shown in (("gmm2", True), ("gmm", False)):
-        report.write_outputs(rows, cols, "threshold", "lcm", preset, "none", [0, 1], configs, str(tmp_path / preset),
-                             adjusted=preset not in ablate.FIRST_PUBLISHED)
+        report.write_outputs(rows, cols, study="threshold", method="lcm", preset=preset, ref="none", seeds=[0, 1],
+                             configs=configs, out_dir=str(tmp_path / preset), adjusted=preset not in ablate.FIRST_PUBLISHED)
         text = (tmp_path / preset / "threshold-lcm.md").read_text()
         assert ("| none | 2 | 1.5 | 0 | 2 |" in text and "| teacher | 6 | 1 | 0 | 0 |" in text) == shown, text
         assert ("Not shown: student (a seed's record lacks" in text) == shown and "| student | 1 |" not in text
@@ -943,11 +978,12 @@ def _records(results):
     return out
 
 
-def _table_without_wall(path):
-    """The table's rows, every column but the wall time (which differs between launchers)."""
+def _table_without_times(path):
+    """The table's rows, every column but the wall and CPU times (which differ from run to run)."""
     rows = [line.split(" | ") for line in open(path).read().splitlines() if line.startswith("| ")]
-    wall = rows[0].index("wall_min")
-    return [r[:wall] + r[wall + 1:] for r in rows]
+    times = [i for i, c in enumerate(rows[0]) if c in ("wall_min", "cpu_min")]
+    assert len(times) == 2, rows[0]                            # a grid made here records both
+    return [[c for i, c in enumerate(r) if i not in times] for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -966,8 +1002,8 @@ def test_local_launcher_runs_in_parallel_and_gives_the_sequential_table(sequenti
     out = capsys.readouterr().out
     assert "[2/2 done | 0 running | 0 left" in out and "shared caches for synthetic" in out
     assert _records(tmp_path / "res") == _records(sequential_grid / "res")
-    assert _table_without_wall(tmp_path / "res" / "paper-lcm.md") == \
-        _table_without_wall(sequential_grid / "res" / "paper-lcm.md")
+    assert _table_without_times(tmp_path / "res" / "paper-lcm.md") == \
+        _table_without_times(sequential_grid / "res" / "paper-lcm.md")
     for name in os.listdir(tmp_path / "runs"):                   # parallel runs log to their own directory
         assert (tmp_path / "runs" / name / "stdout.log").is_file()
 
@@ -1296,7 +1332,8 @@ def test_slurm_time_limit_signal_requeues_and_a_failing_job_says_why(sequential_
     _wait_for(lambda: attempts() >= 2, what="the run to requeue itself and start again")
     waited = run(["ablate.py", *argv[:argv.index("--")], "--wait", *argv[argv.index("--"):]])
     assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr
-    assert json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))["attempts"] >= 2
+    record = json.load(open(tmp_path / "res" / "records" / victim.name / "ablate.json"))
+    assert record["attempts"] >= 2 and 0 < record["cpu_s"] < 2 * record["wall_s"], record   # the handler kept its CPU time
     steps = [row["step"] for row in read_log(victim)]
     assert steps == list(range(1, 41))                              # every step once: resumed, not restarted
     bad = [*one, *SLURM, "--runs", str(tmp_path / "bad"), "--results",
