@@ -12,15 +12,15 @@ studies, whose runs resolve to the same settings share one run, and a run with o
 different `-- --iters`, `--eval-samples`, teacher, data ...) is a different run, never a silent
 reuse. Runs train in <runs>/<method>-<preset>-<hash>-s<seed>/ (checkpoints, not committed); when one
 finishes, its small record (config.json, metrics.json, log.jsonl, ablate.json with the identity,
-command, wall time and CPU time) is copied to <results>/records/<same name>/, and a grid counts a run as done
-from its record alone, so a grid resumes on a fresh clone from committed records, and `--tables`
+command, wall time and CPU time) is copied to <results>/records/<same name>/, and a grid counts a run as
+done from its record alone, so a grid resumes on a fresh clone from committed records, and `--tables`
 rewrites every table from the records alone (the teacher is the one they recorded). Outputs, per
 study and method, in <results>/:
 
     <study>-<method>.md    table: mean ± std over seeds of every metric (one full metric key per column,
                            e.g. fid10k_train: rows evaluated at different sample counts are an error),
-                           wall and CPU time per run, paired deltas to the study's reference row (per seed, then
-                           averaged, 95 % t-interval over seeds, the paired t-test's p raw and
+                           wall and CPU time per run, paired deltas to the study's reference row (per
+                           seed, then averaged, 95 % t-interval over seeds, the paired t-test's p raw and
                            Holm-adjusted over the table; * where the adjusted p < 0.05), the
                            settings held fixed and varied across its rows (from the resolved configs),
                            the per-step drift and the out-of-range share of x̂_0 (in training and per
@@ -309,8 +309,8 @@ class RunJob:
 
     Attempts, wall time and the run's CPU time (user + system of its process, which a shared machine
     disturbs far less than the wall time; recorded only when every attempt's was counted) are counted in
-    <run>/attempts.json, not in this object: a job that SLURM
-    requeues (`scontrol requeue`, preemption) starts again from its submitted pickle."""
+    <run>/attempts.json, not in this object: a job that SLURM requeues (`scontrol requeue`, preemption)
+    starts again from its submitted pickle."""
 
     def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
