@@ -849,13 +849,13 @@ def test_budgets_train_a_run_per_count_and_draw_one_curve_from_their_final_evalu
     runs_, tables = ablate.plan(["pd"], ["paper"], "smoke", [0, 1], T, only=["baseline"], budgets=[100, 200, 400])
     assert len(runs_) == 6 and len({r.name for r in runs_}) == 6 and len(tables[("paper", "pd")]) == 3
     fd = {100: 20.0, 200: 12.0, 400: 11.7}                  # gains 40 %, then 2.5 %: the budget is 200
-    for run in runs_:
-        n = run.config["iters"]
-        assert run.argv[-2:] == ["--iters", str(n)] and n in fd
-        out = tmp_path / "trained" / run.name
+    for planned in runs_:
+        n = planned.config["iters"]
+        assert planned.argv[-2:] == ["--iters", str(n)] and n in fd
+        out = tmp_path / "trained" / planned.name
         out.mkdir(parents=True)
-        scoring.merge_metrics(str(out / "metrics.json"), {"fd_px1k_exact": fd[n] + run.seed}, dict(n=1000, step=n))
-        ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=30.0))
+        scoring.merge_metrics(str(out / "metrics.json"), {"fd_px1k_exact": fd[n] + planned.seed}, dict(n=1000, step=n))
+        ablate.save_record(planned, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=30.0))
     monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
     argv = ["--method", "pd", "--study", "paper", "--only", "baseline", "--preset", "smoke", "--seeds", "0,1",
             "--runs", str(tmp_path / "empty"), "--results", str(tmp_path / "results"), "--curves"]
