@@ -214,10 +214,11 @@ class Run:
         return os.path.join(results, "records", self.name)
 
 
-def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
+def plan(methods, studies, preset, seeds, extra, only=None, teachers=None, budgets=None):
     """The grid as runs, deduplicated by identity (rows shared between studies are one run), and
     {(study, method): [(setting, {seed: Run})]} for the tables. only: the row names to keep (None: all);
-    teachers: see Run."""
+    teachers: see Run; budgets: iteration counts, one run of each row and seed per count (`--iters N` after
+    extra), listed as one (setting, by_seed) entry per count: a learning curve of runs, not a table."""
     runs, tables = {}, {}
     for method in methods:
         for study in studies:
@@ -225,13 +226,15 @@ def plan(methods, studies, preset, seeds, extra, only=None, teachers=None):
             for setting, flags in grid(study, method, preset):
                 if only and setting not in only:
                     continue
-                by_seed = {}
-                for seed in seeds:
-                    run = Run(method, flags, preset, seed, extra, teachers)
-                    run = runs.setdefault(run.name, run)
-                    run.settings.append(f"{study}:{setting}")
-                    by_seed[seed] = run
-                rows.append((setting, by_seed))
+                for budget in budgets or [None]:
+                    by_seed = {}
+                    for seed in seeds:
+                        run = Run(method, flags, preset, seed, extra + (["--iters", str(budget)] if budget else []),
+                                  teachers)
+                        run = runs.setdefault(run.name, run)
+                        run.settings.append(f"{study}:{setting}")
+                        by_seed[seed] = run
+                    rows.append((setting, by_seed))
             tables[(study, method)] = rows
     return list(runs.values()), tables
 
@@ -688,6 +691,10 @@ def parse_args(argv=None):
                         "evaluation in the runs' histories (train with -- --iters N --eval-at 100,200,...), and the "
                         "budget they imply: the first iteration count where one more doubling improves fd_px by "
                         "less than 5 %%, else the largest evaluated")
+    p.add_argument("--budgets", type=cli.iterations, default=None, metavar="N,...",
+                   help="with --curves: one run per iteration count (each trained with --iters N and evaluated at "
+                        "its end), for a method whose learning rate anneals within the run, as PD's does in each "
+                        "round, so that a mid-run evaluation does not stand for a shorter run; e.g. 300,600,1200")
     p.add_argument("--tables", action="store_true",
                    help="only write the tables from the records in --results (the teacher is the one they "
                         "recorded: nothing is trained, no checkpoint is read); an error if a run has no record")
@@ -747,6 +754,11 @@ def parse_args(argv=None):
     args.slurm = dict(args.slurm)
     if any(a.split("=")[0] in ("--out", "--seed", "--preset") for a in extra):
         p.error("arguments after `--` may not set --out, --seed or --preset (ablate.py sets them)")
+    if args.budgets is not None and not args.curves:
+        p.error("argument --budgets: only with --curves (a run per budget makes a learning curve, not a table)")
+    if args.budgets is not None and (not args.budgets or "--iters" in extra):
+        p.error("argument --budgets: give iteration counts, e.g. 300,600,1200, and no --iters after `--` "
+                "(each budget sets its runs' --iters)")
     if args.curves and len(args.study) > 1:
         p.error("argument --curves: give one --study (each method's curves are one file)")
     return args, extra
@@ -756,7 +768,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parse_args(argv)
     teachers = recorded_teachers(args.results) if args.tables else None
-    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, teachers)
+    runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, teachers, args.budgets)
     if not runs:
         raise common.UserError(f"--only {','.join(args.only)}: no such row in the studies {','.join(args.study)}")
     # On a SLURM cluster the submitting machine (a login node) trains nothing: a first job does (PrepareJob).
@@ -779,7 +791,7 @@ def main(argv=None):
                   "will change once it exists")
         else:
             train_teacher(next(run for run in runs if run.teacher is None))
-            runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+            runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, budgets=args.budgets)
     states = {run.name: run_state(run, args.runs, args.results) for run in runs}
     counts = {s: list(states.values()).count(s) for s in dict.fromkeys(states.values())}
     print(f"grid: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
@@ -809,7 +821,7 @@ def main(argv=None):
         if not args.wait:
             return runs
         wait_jobs([(argparse.Namespace(name="first job (teacher, shared caches, submission)"), job)])
-        runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only)
+        runs, tables = plan(args.method, args.study, args.preset, args.seeds, extra, args.only, budgets=args.budgets)
     elif todo:
         shared = {}                                     # made once, before the fan-out: never raced
         for run in todo:

@@ -373,20 +373,23 @@ def write_curves(method, preset, rows, out_dir):
              "the first iteration count where one more doubling improves fd_px by less than 5 %, else the largest "
              "evaluated. (Mid-run points of one run stand for shorter runs only where the learning rate is constant "
              "after its warm-up, as in LCM and DMD2; PD anneals within each round, so its curve needs a run per "
-             "budget.)", ""]
-    curves = {}
+             "budget: ablate.py --budgets.)", ""]
+    per_steps, seeds = {}, {}                       # rows of one setting (one per --budgets count) share a curve
     for setting, by_seed in rows:
-        per_step = {}
+        per_step = per_steps.setdefault(setting, {})
+        seeds.setdefault(setting, set()).update(by_seed)
         for seed, run in by_seed.items():
             for entry in runs.read_json(os.path.join(run.record(out_dir), "metrics.json")).get("history", []):
                 for key, value in entry.items():
                     parts = split_key(key)
                     if parts and parts[0] in CURVE_METRICS and isinstance(value, (int, float)) and entry.get("step"):
                         per_step.setdefault(entry["step"], {}).setdefault(parts[0], []).append(value)
+    curves = {}
+    for setting, per_step in per_steps.items():
         curve = {s: {m: float(np.mean(v)) for m, v in per_step[s].items()} for s in sorted(per_step)}
         curves[setting] = curve
         present = [m for m in CURVE_METRICS if any(m in c for c in curve.values())]
-        lines += [f"## {setting} (seeds {','.join(str(s) for s in sorted(by_seed))})", "",
+        lines += [f"## {setting} (seeds {','.join(str(s) for s in sorted(seeds[setting]))})", "",
                   "| iterations | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
         lines += [f"| {s} | " + " | ".join(f"{c[m]:.4g}" if m in c else "" for m in present) + " |"
                   for s, c in curve.items()]

@@ -840,6 +840,38 @@ def test_a_grid_never_reuses_a_run_trained_with_other_settings(teacher_ckpt, tmp
         ablate.is_done(run, str(tmp_path))
 
 
+@pytest.mark.slow
+def test_budgets_train_a_run_per_count_and_draw_one_curve_from_their_final_evaluations(teacher_ckpt, tmp_path,
+                                                                                      monkeypatch):
+    # PD anneals its learning rate within each round, so a mid-run evaluation does not stand for a shorter run:
+    # --budgets plans one run per count (its own --iters), and the curve joins the runs' final evaluations.
+    T = ["--teacher", teacher_ckpt]
+    runs_, tables = ablate.plan(["pd"], ["paper"], "smoke", [0, 1], T, only=["baseline"], budgets=[100, 200, 400])
+    assert len(runs_) == 6 and len({r.name for r in runs_}) == 6 and len(tables[("paper", "pd")]) == 3
+    fd = {100: 20.0, 200: 12.0, 400: 11.7}                  # gains 40 %, then 2.5 %: the budget is 200
+    for planned in runs_:
+        n = planned.config["iters"]
+        assert planned.argv[-2:] == ["--iters", str(n)] and n in fd
+        out = tmp_path / "trained" / planned.name
+        out.mkdir(parents=True)
+        scoring.merge_metrics(str(out / "metrics.json"), {"fd_px1k_exact": fd[n] + planned.seed}, dict(n=1000, step=n))
+        ablate.save_record(planned, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=30.0))
+    monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
+    argv = ["--method", "pd", "--study", "paper", "--only", "baseline", "--preset", "smoke", "--seeds", "0,1",
+            "--runs", str(tmp_path / "empty"), "--results", str(tmp_path / "results"), "--curves"]
+    ablate.main(argv + ["--budgets", "400,100,200", "--", *T])
+    text = open(tmp_path / "results" / "curves-pd.md").read()
+    assert text.count("## baseline") == 1 and "seeds 0,1" in text
+    for n, v in fd.items():                                  # the mean over seeds 0 and 1: fd + 0.5
+        assert f"| {n} | {v + 0.5:.4g} |" in text
+    assert "Budget: **200 iterations**" in text
+    no_curves = [a for a in argv if a != "--curves"]
+    for bad, match in ((no_curves + ["--budgets", "100"], "only with --curves"),
+                       (argv + ["--budgets", "100", "--", *T, "--iters", "5"], "no --iters after")):
+        with pytest.raises(SystemExit, match=match):
+            ablate.parse_args(bad)
+
+
 def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
     rows = {"base": {0: {"fid100_train500": 3.0, "teacher_mse100_ddim64": 0.1}},
             "ddil": {0: {"fid100_train500": 2.0, "teacher_mse100_ddim64": 0.2}}}
