@@ -756,7 +756,9 @@ def parse_args(argv=None):
         p.error("arguments after `--` may not set --out, --seed or --preset (ablate.py sets them)")
     if args.budgets is not None and not args.curves:
         p.error("argument --budgets: only with --curves (a run per budget makes a learning curve, not a table)")
-    if args.budgets is not None and (not args.budgets or "--iters" in extra):
+    if args.budgets is not None and args.recorded:
+        p.error("argument --budgets: give the seeds (e.g. --seeds 0), not 'recorded': each budget is its own run")
+    if args.budgets is not None and (not args.budgets or any(a.split("=")[0] == "--iters" for a in extra)):
         p.error("argument --budgets: give iteration counts, e.g. 300,600,1200, and no --iters after `--` "
                 "(each budget sets its runs' --iters)")
     if args.curves and len(args.study) > 1:
@@ -847,7 +849,7 @@ def main(argv=None):
         return runs
     for (study, method), rows in tables.items():
         if args.curves:
-            report.write_curves(method, args.preset, rows, args.results)
+            report.write_curves(method, args.preset, rows, args.results, final_only=args.budgets is not None)
             continue
         results = {setting: {s: report.read_record(run, args.results) for s, run in by_seed.items()} for setting, by_seed in rows}
         ref = reference(study, method)

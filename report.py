@@ -366,8 +366,10 @@ def curve_budget(steps, fd, gain=0.05):
     return max(steps), f"fd_px still improved by {gain:.0%} or more at every doubling: the largest evaluated count"
 
 
-def write_curves(method, preset, rows, out_dir):
-    """curves-<method>.md/.png: each row's metrics at every evaluation of its runs (mean over seeds)."""
+def write_curves(method, preset, rows, out_dir, final_only=False):
+    """curves-<method>.md/.png: each setting's metrics at every evaluation of its runs (mean over seeds), the
+    rows of one setting joined into one curve. final_only (ablate.py --budgets: a run per count): only each
+    run's evaluation at its last iteration, never a mid-run one (the learning rate had not annealed yet)."""
     lines = [f"# Learning curves — {method} (preset {preset})", "",
              "Metrics at every evaluation of each row's runs (metrics.json history), mean over seeds. The budget: "
              "the first iteration count where one more doubling improves fd_px by less than 5 %, else the largest "
@@ -380,6 +382,8 @@ def write_curves(method, preset, rows, out_dir):
         seeds.setdefault(setting, set()).update(by_seed)
         for seed, run in by_seed.items():
             for entry in runs.read_json(os.path.join(run.record(out_dir), "metrics.json")).get("history", []):
+                if final_only and entry.get("step") != run.config["iters"]:
+                    continue
                 for key, value in entry.items():
                     parts = split_key(key)
                     if parts and parts[0] in CURVE_METRICS and isinstance(value, (int, float)) and entry.get("step"):

@@ -848,12 +848,16 @@ def test_budgets_train_a_run_per_count_and_draw_one_curve_from_their_final_evalu
     T = ["--teacher", teacher_ckpt]
     runs_, tables = ablate.plan(["pd"], ["paper"], "smoke", [0, 1], T, only=["baseline"], budgets=[100, 200, 400])
     assert len(runs_) == 6 and len({r.name for r in runs_}) == 6 and len(tables[("paper", "pd")]) == 3
+    same, _ = ablate.plan(["pd"], ["paper"], "smoke", [0], T + ["--iters", "100"], only=["baseline"])
+    assert same[0].name in {r.name for r in runs_}          # --budgets N is the run `-- --iters N` is: records are found
     fd = {100: 20.0, 200: 12.0, 400: 11.7}                  # gains 40 %, then 2.5 %: the budget is 200
     for planned in runs_:
         n = planned.config["iters"]
         assert planned.argv[-2:] == ["--iters", str(n)] and n in fd
         out = tmp_path / "trained" / planned.name
         out.mkdir(parents=True)
+        if n == 400:                                         # a mid-run evaluation (-- --eval-at 100): not a point
+            scoring.merge_metrics(str(out / "metrics.json"), {"fd_px1k_exact": 99.0}, dict(n=1000, step=100))
         scoring.merge_metrics(str(out / "metrics.json"), {"fd_px1k_exact": fd[n] + planned.seed}, dict(n=1000, step=n))
         ablate.save_record(planned, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=30.0))
     monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
@@ -867,7 +871,9 @@ def test_budgets_train_a_run_per_count_and_draw_one_curve_from_their_final_evalu
     assert "Budget: **200 iterations**" in text
     no_curves = [a for a in argv if a != "--curves"]
     for bad, match in ((no_curves + ["--budgets", "100"], "only with --curves"),
-                       (argv + ["--budgets", "100", "--", *T, "--iters", "5"], "no --iters after")):
+                       (argv + ["--budgets", "100", "--", *T, "--iters", "5"], "no --iters after"),
+                       (argv + ["--budgets", "100", "--", *T, "--iters=5"], "no --iters after"),
+                       ([a if a != "0,1" else "recorded" for a in argv] + ["--tables", "--budgets", "100"], "not 'recorded'")):
         with pytest.raises(SystemExit, match=match):
             ablate.parse_args(bad)
 
