@@ -169,7 +169,7 @@ def test_help_shows_every_presets_value():
     r = run(["ddil_pd.py", "--help"])
     assert "(default: None)" not in r.stdout and "(preset)" not in r.stdout
     flat = " ".join(r.stdout.split())
-    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000, gmm2 300, quick 100)" in flat
+    assert "training iterations (preset: smoke 80, gmm 300, cifar10 40000, gmm2 1200, quick 100)" in flat
     assert "max-age" in flat and "(preset: smoke 20, gmm 20, cifar10 100, gmm2 20, quick 20)" in flat
 
 
