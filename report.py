@@ -97,6 +97,10 @@ def paired_delta(values, ref_values):
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d)
 
 
+# A run's times (read_record): table columns beside the metrics, never compared or plotted as results.
+TIMES = ("wall_min", "cpu_min")
+
+
 def split_key(key):
     """'fid10k_train' -> ('fid', '10k', '_train'); None for a key that is no table metric (METRICS order)."""
     for p in METRICS:
@@ -133,7 +137,7 @@ def summarise(results, ref):
     rows = []
     for setting, by_seed in results.items():
         row = {"setting": setting, "seeds": ",".join(str(s) for s in sorted(by_seed))}
-        for c in list(cols) + ["wall_min", "cpu_min"]:
+        for c in list(cols) + list(TIMES):
             key = cols.get(c, c)
             vals = [r[key] for r in by_seed.values() if key in r]
             if vals and (c != "cpu_min" or len(vals) == len(by_seed)):    # a CPU time of some seeds only: none
@@ -194,7 +198,7 @@ def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out
     paragraph (which rows a table in progress lacks)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{study}-{method}")
-    metrics = [c for c in list(cols) + ["wall_min", "cpu_min"] if any(c in r for r in rows)]
+    metrics = [c for c in list(cols) + list(TIMES) if any(c in r for r in rows)]
     deltas = [c for c in cols if any(f"d_{c}" in r for r in rows)]
     with open(stem + ".csv", "w", newline="") as f:
         keys = ["setting", "seeds"] + [k for m in metrics for k in (m, m + "_std")] + \
@@ -273,7 +277,7 @@ def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out
         lines += ["", note]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_bars(rows, [m for m in metrics if m not in ("wall_min", "cpu_min")], cols, stem + ".png", f"{study} — {method} ({preset})")
+    plot_bars(rows, [m for m in metrics if m not in TIMES], cols, stem + ".png", f"{study} — {method} ({preset})")
     print("\n".join(lines[8:]))
     print(f"wrote {stem}.md, .csv, .png")
 
