@@ -315,9 +315,9 @@ class RunJob:
     <run>/attempts.json, not in this object: a job that SLURM requeues (`scontrol requeue`, preemption)
     starts again from its submitted pickle."""
 
-    def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300):
+    def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300, stop=None):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
-        self.stop_within, self._proc, self._counts = stop_within, None, None
+        self.stop_within, self.stop, self._proc, self._counts = stop_within, stop, None, None
 
     def __call__(self):
         if is_done(self.run, self.results):             # finished by another worker meanwhile
@@ -338,6 +338,8 @@ class RunJob:
                 env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]      # the job's CPUs, not the node's
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT if log else None)
+            if self.stop is not None and self.stop.is_set():     # the grid was stopped while this run started
+                self.terminate()
             self._reap(0)
             code = self._proc.returncode
         finally:
@@ -348,6 +350,8 @@ class RunJob:
                 log.close()
         if code == 75:
             return "busy"
+        if code in (130, -signal.SIGTERM, -signal.SIGINT) and self.stop is not None and self.stop.is_set():
+            return "stopped"                            # checkpoint saved (130) or stopped before its first step
         if code in (130, -signal.SIGTERM, -signal.SIGUSR2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             # Stopped by SLURM (scontrol requeue, preemption, scancel): the run saved its checkpoint. The job is
             # being requeued or cancelled, and SLURM ends this process; returning now would write a 'failed'
@@ -375,6 +379,16 @@ class RunJob:
         self._counts["cpu_s"] += usage.ru_utime + usage.ru_stime
         self._counts["cpu_attempts"] += 1
         return True
+
+    def terminate(self):
+        """Ask the running run to stop: it saves a checkpoint at its next step boundary and exits 130, or, in
+        its final evaluation, finishes it (the record is then written). A repeated request is ignored."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:                  # exited, not yet collected
+                pass
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption / timeout hook: stop the run at a step boundary, then requeue this job."""
@@ -444,31 +458,74 @@ def launch_local(todo, args):
     on a CPU, to its share of the threads (--threads, OMP_NUM_THREADS): a thread pool hands out the runs.
     One line per finished run: done / running / left and the estimated time left."""
     import queue
-    from concurrent.futures import ThreadPoolExecutor, as_completed
     gpus = queue.Queue()
     for g in args.gpus or [None] * args.jobs:
         gpus.put(g)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     quiet = args.jobs > 1                               # parallel runs log to <run>/stdout.log, not the console
-    walls, failed, busy = [], [], []
+    walls, failed, busy, stopped = [], [], [], []
     state, lock = dict(done=0, running=0), threading.Lock()
+    stop, jobs = threading.Event(), set()               # a stop request; the RunJobs now running
 
     def one(run):
         gpu = gpus.get()
+        if stop.is_set():                               # stopped: no new run starts
+            gpus.put(gpu)
+            return run, "stopped", 0.0
         with lock:
             state["running"] += 1
         env = {"OMP_NUM_THREADS": str(threads)} | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
         log = os.path.join(args.runs, run.name, "stdout.log") if quiet else None
+        job = RunJob(run, args.runs, args.results, env, log, stop=stop)
         t0 = time.time()
         try:
+            with lock:
+                jobs.add(job)
             if not quiet:
                 print(f"running: {run.name} ({' '.join(run.settings)}): {' '.join(run.argv)}", flush=True)
-            return run, RunJob(run, args.runs, args.results, env, log)(), time.time() - t0
+            return run, job(), time.time() - t0
         finally:
             with lock:
                 state["running"] -= 1
+                jobs.discard(job)
             gpus.put(gpu)
 
+    def on_stop(signum, frame):
+        # Ctrl-C or SIGTERM (to this process or its whole group): start nothing more, ask the running runs to stop
+        # (they save a checkpoint, or finish their final evaluation and are recorded) and wait for them, so that
+        # no run is left behind without its record or its CPU time. (A second Ctrl-C in a terminal reaches the
+        # runs too, and they stop at once without saving the step; this process still waits for them.)
+        if stop.is_set():
+            print(f"\n{signal.Signals(signum).name} again: still waiting for the running runs", flush=True)
+            return
+        stop.set()
+        with lock:
+            running = list(jobs)
+        print(f"\n{signal.Signals(signum).name}: no new run starts; waiting for the {len(running)} running run(s) "
+              "to save a checkpoint or finish their final evaluation ...", flush=True)
+        for job in running:
+            job.terminate()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = ({s: signal.signal(s, on_stop) for s in handled}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        _run_pool(todo, args, one, walls, failed, busy, stopped, state)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop.is_set():
+        finished = len(todo) - len(failed) - len(busy) - len(stopped)
+        raise common.Stopped(f"stopped: {finished} run(s) finished and recorded, {len(stopped)} stopped or not "
+                             f"started; rerun the same command to resume")
+    if failed:
+        raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
+    return busy
+
+
+def _run_pool(todo, args, one, walls, failed, busy, stopped, state):
+    """launch_local's pool: `one(run)` for every run, --jobs at a time, one progress line per finished run."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(one, run) for run in todo]
         for future in as_completed(futures):
@@ -477,6 +534,9 @@ def launch_local(todo, args):
             except RuntimeError as e:
                 failed.append(str(e))
                 print(f"FAILED: {e}", flush=True)
+                continue
+            if outcome == "stopped":
+                stopped.append(run.name)
                 continue
             if outcome == "done":
                 walls.append(wall)
@@ -489,9 +549,6 @@ def launch_local(todo, args):
             print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
                   f"eta {runs.hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
                   flush=True)
-    if failed:
-        raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
-    return busy
 
 
 def executor_for(folder, args):
@@ -603,6 +660,16 @@ class PrepareJob:
     def __call__(self):
         main(self.argv)
         return "submitted"
+
+    def terminate(self):
+        """Ask the running run to stop: it saves a checkpoint at its next step boundary and exits 130, or, in
+        its final evaluation, finishes it (the record is then written). A repeated request is ignored."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:                  # exited, not yet collected
+                pass
 
     def checkpoint(self, *args, **kwargs):        # a time limit while the teacher trains: requeue, it resumes
         from submitit.helpers import DelayedSubmission

@@ -1061,6 +1061,48 @@ def test_two_ablate_processes_on_one_grid_do_each_run_once(sequential_grid, teac
     assert _records(tmp_path / "res") == _records(sequential_grid / "res")
 
 
+@pytest.mark.slow
+def test_a_stopped_grid_waits_for_its_runs_and_a_rerun_resumes_them(sequential_grid, teacher_ckpt, tmp_path):
+    """SIGTERM to ablate.py alone (as a scheduler or `kill` sends it): no new run starts, the running run saves
+    its checkpoint (or, in its final evaluation, finishes it and is recorded) and ablate waits for it, so no run
+    is left running without its record. Oracle: the run directories, records and attempt counts on disk."""
+    extra = ["--teacher", teacher_ckpt, "--iters", "60", "--batch-size", "2", "--eval-samples", "64",
+             "--save-every", "1", "--log-every", "1"]
+    argv = [PY, "ablate.py", *LAUNCH, "--threads", "1", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "res"), "--", *extra]
+    env = {**os.environ, "DDIL_CACHE": os.environ["DDIL_CACHE"]}
+
+    def grid_until(ready):
+        p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        _wait_for(lambda: ready() or p.poll() is not None, timeout=300, what="the first run")
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+        return p.returncode, out, err
+
+    def first():
+        made = [d for d in os.listdir(tmp_path / "runs") if not d.startswith("_")] if (tmp_path / "runs").is_dir() else []
+        return tmp_path / "runs" / made[0] if made else None
+
+    # 1. Mid-training: the run saves and stops; the grid's second run never starts.
+    code, out, err = grid_until(lambda: first() is not None and len(read_log(first())) >= 2)
+    run_dir = first()
+    assert code == 130 and "Traceback" not in err, err
+    assert "no new run starts" in out and "stopped: 0 run(s) finished and recorded, 2 stopped or not started" in out
+    assert runs.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] >= 2
+    assert not runs.run_dir_in_use(str(run_dir))                  # its process is over, not orphaned
+    assert sorted(os.listdir(tmp_path / "runs")) == [run_dir.name]          # the second run never started
+    counts = json.load(open(run_dir / "attempts.json"))
+    assert counts["attempts"] == counts["cpu_attempts"] == 1 and counts["cpu_s"] > 0, counts
+    # 2. Rerun, stopped in the final evaluation: the run finishes it and is recorded before ablate exits.
+    code, out, err = grid_until(lambda: (run_dir / "samples.png").is_file())
+    assert code == 130 and "stopped: 1 run(s) finished and recorded, 1 stopped or not started" in out, (out, err)
+    assert not runs.run_dir_in_use(str(run_dir))
+    record = json.load(open(tmp_path / "res" / "records" / run_dir.name / "ablate.json"))
+    assert record["attempts"] == 2 and record["cpu_s"] is not None, record
+    assert len(os.listdir(tmp_path / "runs")) == 1
+
+
 # --- Resume and bad input: every resume exact, every bad input one line ---
 
 @pytest.mark.parametrize("module, nets", [(ddil_pd, ("student", "ema")), (lcm, ("student", "ema", "target")),
