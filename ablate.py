@@ -303,6 +303,17 @@ def train_teacher(run):
         raise common.UserError(f"teacher training failed (exit {code}): {' '.join(argv[1:])}")
 
 
+class RunFailed(RuntimeError):
+    """A run of a grid exited with an error status (`code`); the message ends with the run's last error line."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+STOP_CODES = (130, -signal.SIGTERM, -signal.SIGINT)    # a run that saved and stopped, or was stopped before its first step
+
+
 class RunJob:
     """Train + evaluate one run of a grid as a subprocess (the user's own command) and write its record.
     Called in this process (local launcher) or in a submitit job (SLURM). Submitit calls `checkpoint` when
@@ -314,6 +325,8 @@ class RunJob:
     disturbs far less than the wall time; recorded only when every attempt's was counted) are counted in
     <run>/attempts.json, not in this object: a job that SLURM requeues (`scontrol requeue`, preemption)
     starts again from its submitted pickle."""
+
+    stop = None                                         # (also what a job pickled before this attribute existed has)
 
     def __init__(self, run, runs_dir, results, env=None, log=None, stop_within=300, stop=None):
         self.run, self.runs_dir, self.results, self.env, self.log = run, runs_dir, results, env, log
@@ -350,7 +363,7 @@ class RunJob:
                 log.close()
         if code == 75:
             return "busy"
-        if code in (130, -signal.SIGTERM, -signal.SIGINT) and self.stop is not None and self.stop.is_set():
+        if code in STOP_CODES and self.stop is not None and self.stop.is_set():
             return "stopped"                            # checkpoint saved (130) or stopped before its first step
         if code in (130, -signal.SIGTERM, -signal.SIGUSR2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             # Stopped by SLURM (scontrol requeue, preemption, scancel): the run saved its checkpoint. The job is
@@ -358,8 +371,8 @@ class RunJob:
             # result for a job that is not over.
             time.sleep(600)
         if code != 0:
-            raise RuntimeError(f"{self.run.name}: exit {code}: {last_error_line(self.log)}"
-                               + (f"; full log {self.log}" if self.log else ""))
+            raise RunFailed(f"{self.run.name}: exit {code}: {last_error_line(self.log)}"
+                            + (f"; full log {self.log}" if self.log else ""), code)
         if not os.path.isfile(os.path.join(out, "metrics.json")):
             raise RuntimeError(f"{out} wrote no metrics.json: ablations need --eval-samples > 0")
         cpu_s = counts["cpu_s"] if counts["cpu_attempts"] == counts["attempts"] else None   # None: not every attempt's
@@ -501,30 +514,35 @@ def launch_local(todo, args):
         stop.set()
         with lock:
             running = list(jobs)
-        print(f"\n{signal.Signals(signum).name}: no new run starts; waiting for the {len(running)} running run(s) "
-              "to save a checkpoint or finish their final evaluation ...", flush=True)
         for job in running:
             job.terminate()
+        print(f"\n{signal.Signals(signum).name}: no new run starts; waiting for the {len(running)} running run(s) "
+              "to save a checkpoint or finish their final evaluation ...", flush=True)
 
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = ({s: signal.signal(s, on_stop) for s in handled}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        _run_pool(todo, args, one, walls, failed, busy, stopped, state)
+        _run_pool(todo, args, one, walls, failed, busy, stopped, state, stop)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stop.is_set():
         finished = len(todo) - len(failed) - len(busy) - len(stopped)
         raise common.Stopped(f"stopped: {finished} run(s) finished and recorded, {len(stopped)} stopped or not "
-                             f"started; rerun the same command to resume")
+                             "started" + (f", {len(busy)} left to another worker" if busy else "")
+                             + (f", {len(failed)} failed ({' | '.join(failed)})" if failed else "")
+                             + "; rerun the same command to resume")
     if failed:
         raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
     return busy
 
 
-def _run_pool(todo, args, one, walls, failed, busy, stopped, state):
-    """launch_local's pool: `one(run)` for every run, --jobs at a time, one progress line per finished run."""
+def _run_pool(todo, args, one, walls, failed, busy, stopped, state, stop):
+    """launch_local's pool: `one(run)` for every run, --jobs at a time, one progress line per finished run.
+    A run that exits with a stop status once the grid is stopped is stopped, not failed: decided here, on the
+    main thread, after the stop's signal handler has run (a signal to the whole process group can end a run
+    before its worker thread sees the stop)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(one, run) for run in todo]
@@ -532,6 +550,9 @@ def _run_pool(todo, args, one, walls, failed, busy, stopped, state):
             try:
                 run, outcome, wall = future.result()
             except RuntimeError as e:
+                if stop.is_set() and getattr(e, "code", None) in STOP_CODES:
+                    stopped.append(str(e))
+                    continue
                 failed.append(str(e))
                 print(f"FAILED: {e}", flush=True)
                 continue
@@ -660,16 +681,6 @@ class PrepareJob:
     def __call__(self):
         main(self.argv)
         return "submitted"
-
-    def terminate(self):
-        """Ask the running run to stop: it saves a checkpoint at its next step boundary and exits 130, or, in
-        its final evaluation, finishes it (the record is then written). A repeated request is ignored."""
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:                  # exited, not yet collected
-                pass
 
     def checkpoint(self, *args, **kwargs):        # a time limit while the teacher trains: requeue, it resumes
         from submitit.helpers import DelayedSubmission

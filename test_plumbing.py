@@ -1061,6 +1061,36 @@ def test_two_ablate_processes_on_one_grid_do_each_run_once(sequential_grid, teac
     assert _records(tmp_path / "res") == _records(sequential_grid / "res")
 
 
+def test_a_stopped_grids_summary_counts_every_outcome(monkeypatch, tmp_path):
+    """launch_local with planted outcomes, one run at a time: a failure, a finished run, a run that sends the
+    grid's stop (SIGTERM to this process, as a signal to the whole process group does) and dies of it, and
+    a run that never starts. Oracle: the planted outcomes, counted in the one-line summary."""
+    class Planted:
+        def __init__(self, run, runs_dir, results, env=None, log=None, stop=None):
+            self.run = run
+
+        def terminate(self):
+            pass
+
+        def __call__(self):
+            if self.run.name == "r0":
+                raise ablate.RunFailed("r0: exit 1: error: boom", 1)
+            if self.run.name == "r2":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+                raise ablate.RunFailed("r2: exit -15: (empty log)", -signal.SIGTERM)
+            return "done"
+
+    monkeypatch.setattr(ablate, "RunJob", Planted)
+    todo = [argparse.Namespace(name=f"r{i}", settings=[], argv=["x.py"]) for i in range(4)]
+    args = argparse.Namespace(gpus=None, jobs=1, threads=1, runs=str(tmp_path), results=str(tmp_path))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(common.Stopped, match=r"^stopped: 1 run\(s\) finished and recorded, 2 stopped or not "
+                                             r"started, 1 failed \(r0: exit 1: error: boom\); rerun"):
+        ablate.launch_local(todo, args)
+    assert signal.getsignal(signal.SIGTERM) == before                 # the grid's handler is gone again
+
+
 @pytest.mark.slow
 def test_a_stopped_grid_waits_for_its_runs_and_a_rerun_resumes_them(sequential_grid, teacher_ckpt, tmp_path):
     """SIGTERM to ablate.py alone (as a scheduler or `kill` sends it): no new run starts, the running run saves
