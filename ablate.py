@@ -659,7 +659,8 @@ def wait_jobs(jobs):
             outcome = job.result()
         except Exception as e:                          # the job's own traceback is in its stderr file
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            why = next((line.split(": ", 1)[1] for line in reversed(lines) if line.startswith("RuntimeError: ")),
+            why = next((line.split(": ", 1)[1] for line in reversed(lines)   # RunJob's RuntimeError / RunFailed
+                        if re.match(r"(?:[\w.]+\.)?(?:RuntimeError|RunFailed): ", line)),
                        lines[-1] if lines else type(e).__name__)
             failed.append(f"{why} (submitit logs: {job.paths.folder})")
             outcome = "failed"
