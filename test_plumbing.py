@@ -1096,7 +1096,7 @@ def test_a_stopped_grid_waits_for_its_runs_and_a_rerun_resumes_them(sequential_g
     """SIGTERM to ablate.py alone (as a scheduler or `kill` sends it): no new run starts, the running run saves
     its checkpoint (or, in its final evaluation, finishes it and is recorded) and ablate waits for it, so no run
     is left running without its record. Oracle: the run directories, records and attempt counts on disk."""
-    extra = ["--teacher", teacher_ckpt, "--iters", "60", "--batch-size", "2", "--eval-samples", "64",
+    extra = ["--teacher", teacher_ckpt, "--iters", "20", "--batch-size", "2", "--eval-samples", "16",
              "--save-every", "1", "--log-every", "1"]
     argv = [PY, "ablate.py", *LAUNCH, "--threads", "1", "--runs", str(tmp_path / "runs"), "--results",
             str(tmp_path / "res"), "--", *extra]
