@@ -363,8 +363,6 @@ class RunJob:
                 log.close()
         if code == 75:
             return "busy"
-        if code in STOP_CODES and self.stop is not None and self.stop.is_set():
-            return "stopped"                            # checkpoint saved (130) or stopped before its first step
         if code in (130, -signal.SIGTERM, -signal.SIGUSR2) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             # Stopped by SLURM (scontrol requeue, preemption, scancel): the run saved its checkpoint. The job is
             # being requeued or cancelled, and SLURM ends this process; returning now would write a 'failed'
