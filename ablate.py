@@ -294,13 +294,38 @@ def train_teacher(run):
     argv = [sys.executable, os.path.join(REPO, "teacher.py"), *teacher.auto_argv(args, os.path.dirname(path))]
     print("teacher first (shared by every run): " + " ".join(argv[1:]), flush=True)
     while True:
-        code = subprocess.run(argv).returncode
+        code = _run_passing_on_stop(argv)
         if code != 75:
             break
         print("the teacher is being trained by another process: waiting for it", flush=True)
         time.sleep(15)
+    if code in STOP_CODES:
+        raise common.Stopped("stopped while training the grid's teacher: it saved its checkpoint; rerun the same "
+                             "command to resume")
     if code != 0:
         raise common.UserError(f"teacher training failed (exit {code}): {' '.join(argv[1:])}")
+
+
+def _run_passing_on_stop(argv):
+    """subprocess.run(argv).returncode, except that Ctrl-C or SIGTERM to this process reaches the child as one
+    SIGTERM (it saves its checkpoint and exits 130) and is waited for: neither is the child left running
+    without this process, nor killed before it has saved (subprocess.run kills it on Ctrl-C)."""
+    proc = subprocess.Popen(argv)
+
+    def on_stop(signum, frame):
+        if not getattr(on_stop, "sent", False):
+            on_stop.sent = True
+            print(f"\n{signal.Signals(signum).name}: waiting for the teacher to save its checkpoint ...", flush=True)
+            proc.send_signal(signal.SIGTERM)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = ({s: signal.signal(s, on_stop) for s in handled}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class RunFailed(RuntimeError):

@@ -1133,6 +1133,28 @@ def test_a_stopped_grid_waits_for_its_runs_and_a_rerun_resumes_them(sequential_g
     assert len(os.listdir(tmp_path / "runs")) == 1
 
 
+@pytest.mark.slow
+def test_a_grid_stopped_while_its_teacher_trains_waits_for_the_teacher_to_save(tmp_path):
+    """--teacher auto trains the grid's teacher (teacher.py, a subprocess) before any run. SIGTERM to ablate.py
+    alone reaches the teacher, which saves and stops, and ablate waits for it and exits 130 with one line: the
+    teacher is neither left training on its own nor killed unsaved. Oracle: its checkpoint and lock on disk."""
+    import teacher
+    argv = [PY, os.path.join(ROOT, "ablate.py"), *LAUNCH, "--only", "baseline", "--threads", "1"]
+    p = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    teacher_dir = tmp_path / "runs" / "teacher-smoke-s0"
+    _wait_for(lambda: read_log(teacher_dir) or p.poll() is not None, timeout=300, what="the teacher's first log line")
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in err, (out, err)
+    assert out.strip().splitlines()[-1] == ("stopped while training the grid's teacher: it saved its checkpoint; "
+                                           "rerun the same command to resume"), out
+    step = runs.load_checkpoint(str(teacher_dir / "ckpt.pt"))["step"]
+    assert 20 <= step < teacher.PRESETS["smoke"]["iters"], step
+    assert not runs.run_dir_in_use(str(teacher_dir))             # the teacher is over, not orphaned
+    assert not (tmp_path / "runs" / "_prepare").exists() and sorted(os.listdir(tmp_path / "runs")) == [teacher_dir.name]
+
+
 # --- Resume and bad input: every resume exact, every bad input one line ---
 
 @pytest.mark.parametrize("module, nets", [(ddil_pd, ("student", "ema")), (lcm, ("student", "ema", "target")),
