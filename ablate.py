@@ -494,6 +494,7 @@ def launch_local(todo, args):
     on a CPU, to its share of the threads (--threads, OMP_NUM_THREADS): a thread pool hands out the runs.
     One line per finished run: done / running / left and the estimated time left."""
     import queue
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     gpus = queue.Queue()
     for g in args.gpus or [None] * args.jobs:
         gpus.put(g)
@@ -546,7 +547,35 @@ def launch_local(todo, args):
     previous = ({s: signal.signal(s, on_stop) for s in handled}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        _run_pool(todo, args, one, walls, failed, busy, stopped, state, stop)
+        # A run that exits with a stop status once the grid is stopped is stopped, not failed: decided here, on
+        # the main thread, after the stop's signal handler has run (a signal to the whole process group can end
+        # a run before its worker thread sees the stop).
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, run) for run in todo]
+            for future in as_completed(futures):
+                try:
+                    run, outcome, wall = future.result()
+                except RuntimeError as e:
+                    if stop.is_set() and getattr(e, "code", None) in STOP_CODES:
+                        stopped.append(str(e))
+                        continue
+                    failed.append(str(e))
+                    print(f"FAILED: {e}", flush=True)
+                    continue
+                if outcome == "stopped":
+                    stopped.append(run.name)
+                    continue
+                if outcome == "done":
+                    walls.append(wall)
+                else:
+                    busy.append(run.name)
+                state["done"] += 1
+                left = 0 if stop.is_set() else len(todo) - state["done"] - len(failed) - state["running"]
+                eta = np.mean(walls) * (left + state["running"]) / args.jobs if walls else math.nan
+                what = "finished" if outcome == "done" else "in use by another worker: left to it"
+                print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
+                      f"eta {runs.hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
+                      flush=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -559,40 +588,6 @@ def launch_local(todo, args):
     if failed:
         raise common.UserError(f"{len(failed)} run(s) failed, the others are kept: " + " | ".join(failed))
     return busy
-
-
-def _run_pool(todo, args, one, walls, failed, busy, stopped, state, stop):
-    """launch_local's pool: `one(run)` for every run, --jobs at a time, one progress line per finished run.
-    A run that exits with a stop status once the grid is stopped is stopped, not failed: decided here, on the
-    main thread, after the stop's signal handler has run (a signal to the whole process group can end a run
-    before its worker thread sees the stop)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(one, run) for run in todo]
-        for future in as_completed(futures):
-            try:
-                run, outcome, wall = future.result()
-            except RuntimeError as e:
-                if stop.is_set() and getattr(e, "code", None) in STOP_CODES:
-                    stopped.append(str(e))
-                    continue
-                failed.append(str(e))
-                print(f"FAILED: {e}", flush=True)
-                continue
-            if outcome == "stopped":
-                stopped.append(run.name)
-                continue
-            if outcome == "done":
-                walls.append(wall)
-            else:
-                busy.append(run.name)
-            state["done"] += 1
-            left = len(todo) - state["done"] - len(failed) - state["running"]
-            eta = np.mean(walls) * (left + state["running"]) / args.jobs if walls else math.nan
-            what = "finished" if outcome == "done" else "in use by another worker: left to it"
-            print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
-                  f"eta {runs.hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
-                  flush=True)
 
 
 def executor_for(folder, args):
@@ -712,7 +707,13 @@ class PrepareJob:
 
 
 def save_record(run, out, results, timing):
+    """Copy the run's RECORD_FILES into its record, then ablate.json: its identity, command, settings, timing
+    and init_sha, the hash of the UNet it started from (its --init, or its UNet teacher), read now from the
+    checkpoint its config names (which nothing rewrites once it is finished)."""
     rec = run.record(results)
+    config = read_json(os.path.join(out, "config.json")) if os.path.isfile(os.path.join(out, "config.json")) else {}
+    init = config.get("init_path") or config.get("teacher_path")
+    timing = {**timing, "init_sha": runs.weights_sha(init) if init and init != "exact" and os.path.isfile(init) else None}
     os.makedirs(rec, exist_ok=True)
     for f in RECORD_FILES:
         if os.path.isfile(os.path.join(out, f)):
@@ -958,9 +959,11 @@ def main(argv=None):
         report.check_complete(results, rows, study, method, args.results)
         summary, cols = report.summarise(results, ref)
         configs = [run.config for _, by_seed in rows for run in by_seed.values()]
+        inits = {setting: {s: report.read_init_sha(run, args.results) for s, run in by_seed.items()}
+                 for setting, by_seed in rows}
         seeds = list(rows[0][1]) if args.recorded else args.seeds     # --seeds recorded: the table's own
         report.write_outputs(summary, cols, study=study, method=method, preset=args.preset, ref=ref, seeds=seeds,
-                             configs=configs, out_dir=args.results, adjusted=args.preset not in FIRST_PUBLISHED,
+                             configs=configs, inits=inits, out_dir=args.results, adjusted=args.preset not in FIRST_PUBLISHED,
                              note=notes.get((study, method)))   # --seeds recorded: the rows a table lacks
         if study in ("paper", "paper2") and args.shift_samples:
             memo, runs_dir = {}, None if args.tables else args.runs

@@ -55,6 +55,27 @@ def read_record(run, results):
     return row
 
 
+def read_init_sha(run, results):
+    """The hash of the UNet the run started from (runs.weights_sha), None in records made before it was kept."""
+    return runs.read_json(os.path.join(run.record(results), "ablate.json"), "wall_s").get("init_sha")
+
+
+def init_line(inits):
+    """The table header's sentence on the UNet every run started from. inits: {setting: {seed: sha or None}}."""
+    shas = {sha for by_seed in inits.values() for sha in by_seed.values()}
+    if shas == {None}:
+        return ("The UNet the runs start from (--init, or the UNet teacher) is named by its path and training "
+                "settings only: these records predate its weights' hash, so whether every run started from the "
+                "same weights cannot be checked from them.")
+    if len(shas) == 1:
+        return f"Every run started from the same UNet (--init, or the UNet teacher): EMA weights sha256 {shas.pop()}."
+    per_row = "; ".join(f"{setting}: " + ", ".join(
+        f"{sha or 'not recorded'} (seeds {','.join(str(s) for s in sorted(by_seed) if by_seed[s] == sha)})"
+        for sha in dict.fromkeys(by_seed.values())) for setting, by_seed in inits.items())
+    return ("**Not every run started from the same UNet** (--init, or the UNet teacher; EMA weights sha256 per "
+            f"row: {per_row}): rows may differ in more than the settings named here.")
+
+
 # --- Statistics ---
 
 def paired_p(values, ref_values):
@@ -191,9 +212,11 @@ def held_fixed(configs):
 
 # --- Writing the table, CSV and plot ---
 
-def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out_dir, adjusted=True, note=None):
+def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out_dir, adjusted=True, note=None,
+                  inits=None):
     """<study>-<method>.md/.csv/.png from summarise's (rows, cols): `ref` the reference row, `seeds` and
-    `configs` (every run's resolved config) for the header. adjusted: Holm-adjusted p-values and the
+    `configs` (every run's resolved config) for the header, `inits` (read_init_sha per setting and seed) for
+    its sentence on the UNet the runs started from. adjusted: Holm-adjusted p-values and the
     out-of-range section (False: the form the first benchmark's tables were published in). note: a last
     paragraph (which rows a table in progress lacks)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -218,7 +241,7 @@ def write_outputs(rows, cols, *, study, method, preset, ref, seeds, configs, out
     lines = [f"# Ablation `{study}` — {method} (preset {preset}, seeds {','.join(map(str, seeds))})", "",
              scale, "",
              f"Held fixed across rows: {', '.join(fixed)}. Varied: {', '.join(varied) or 'nothing'} "
-             "(from the runs' resolved configs).", "",
+             "(from the runs' resolved configs)." + (" " + init_line(inits) if adjusted and inits else ""), "",
              ("One seed: values, no spread. " if n_seeds == 1 else "Mean ± std over seeds. ")
              + f"Δ columns: paired difference to `{ref}` per seed, averaged, with a 95 % t-interval over seeds; "
              + ("then the paired t-test's p-value, raw / Holm-adjusted over every Δ of this table; * marks a "

@@ -190,6 +190,17 @@ def load_teacher(path, device, flag="--teacher"):
     return net.eval().requires_grad_(False), ckpt
 
 
+def weights_sha(path):
+    """The first 12 hex digits of the sha256 of a teacher.py checkpoint's EMA weights (names and bytes, in
+    name order): which UNet a run started from. Two trainings of the same settings give other weights on
+    another CPU (other kernels, other rounding), so the path and settings alone do not name them."""
+    h = hashlib.sha256()
+    for name, w in sorted(load_checkpoint(path)["nets"]["ema"].items()):
+        h.update(name.encode())
+        h.update(w.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def load_networks(args, device):
     """(teacher, init): the teacher a student run distils (a frozen UNet, or `gmm.ExactTeacher` when
     args.teacher_path is "exact") and the checkpoint of the UNet its student starts from (args.init_path:

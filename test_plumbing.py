@@ -878,6 +878,26 @@ def test_budgets_train_a_run_per_count_and_draw_one_curve_from_their_final_evalu
             ablate.parse_args(bad)
 
 
+def test_a_runs_init_is_named_by_its_weights_and_a_table_says_whether_its_rows_share_it(teacher_ckpt, tmp_path):
+    """weights_sha depends on the EMA weights alone: the same weights in another checkpoint (other step, no
+    optimiser) hash the same, one weight moved by one ulp does not. A table's header names the one hash, or
+    each row's hashes when they differ, or says that records without one cannot be checked."""
+    ckpt = runs.load_checkpoint(teacher_ckpt)
+    same = {"unet": ckpt["unet"], "nets": {"ema": ckpt["nets"]["ema"]}, "step": ckpt["step"] + 1}
+    torch.save(same, tmp_path / "same.pt")
+    assert runs.weights_sha(str(tmp_path / "same.pt")) == runs.weights_sha(teacher_ckpt)
+    moved = {k: v.clone() for k, v in ckpt["nets"]["ema"].items()}
+    w = next(k for k, v in moved.items() if v.is_floating_point())
+    moved[w].view(-1)[0] = torch.nextafter(moved[w].view(-1)[0], torch.tensor(float("inf"), dtype=moved[w].dtype))
+    torch.save({**same, "nets": {"ema": moved}}, tmp_path / "moved.pt")
+    assert runs.weights_sha(str(tmp_path / "moved.pt")) != runs.weights_sha(teacher_ckpt)
+    assert report.init_line({"base": {0: "aa", 1: "aa"}, "ddil": {0: "aa"}}).endswith("EMA weights sha256 aa.")
+    mixed = report.init_line({"base": {0: "aa", 1: "aa"}, "ddil": {0: "aa", 1: "bb", 2: None}})
+    assert mixed.startswith("**Not every run started from the same UNet**")
+    assert "base: aa (seeds 0,1); ddil: aa (seeds 0), bb (seeds 1), not recorded (seeds 2)" in mixed
+    assert "cannot be checked" in report.init_line({"base": {0: None}, "ddil": {0: None}})
+
+
 def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
     rows = {"base": {0: {"fid100_train500": 3.0, "teacher_mse100_ddim64": 0.1}},
             "ddil": {0: {"fid100_train500": 2.0, "teacher_mse100_ddim64": 0.2}}}
@@ -893,6 +913,7 @@ def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
 
 @pytest.mark.slow
 def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, monkeypatch):
+    import runs as runs_module                                      # `runs` below is the planned runs
     # A fresh clone has the records (config, metrics, wall time), not the runs: the grid counts them as done,
     # trains nothing, and writes its tables from them.
     extra = ["--teacher", teacher_ckpt, "--iters", "2", "--eval-samples", "20"]
@@ -902,12 +923,15 @@ def test_tables_regenerate_from_committed_records_alone(teacher_ckpt, tmp_path, 
         out.mkdir(parents=True)
         scoring.merge_metrics(str(out / "metrics.json"), {"fid20_train500": 10.0 + i, "teacher_mse20_ddim64": 0.1 * i},
                                  dict(n=20))
+        runs_module.write_json(str(out / "config.json"), dict(teacher_path=teacher_ckpt))
         ablate.save_record(run, str(out), str(tmp_path / "results"), dict(wall_s=60.0, cpu_s=None if i == 0 else 30.0))
     monkeypatch.setattr(ablate, "launch_local", lambda *a: pytest.fail("a recorded run was trained again"))
     ablate.main(["--method", "lcm", "--study", "paper", "--preset", "smoke", "--seeds", "0,1", "--runs", str(tmp_path / "empty"),
                  "--results", str(tmp_path / "results"), "--shift-samples", "0", "--", *extra])
     table = open(tmp_path / "results" / "paper-lcm.md").read()
     assert "fid20_train500" in table and "Held fixed across rows:" in table and "iters=2" in table
+    assert f"Every run started from the same UNet (--init, or the UNet teacher): EMA weights sha256 " \
+           f"{runs_module.weights_sha(teacher_ckpt)}." in table
     assert "| baseline |" in table and "| reflected-ddil |" in table
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
     cpu = [row[cells[0].index("cpu_min")] for row in cells[1:4]]      # CPU time: a row's mean only where every seed has one
