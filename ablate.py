@@ -300,8 +300,8 @@ def train_teacher(run):
         print("the teacher is being trained by another process: waiting for it", flush=True)
         time.sleep(15)
     if code in STOP_CODES:
-        raise common.Stopped("stopped while training the grid's teacher: it saved its checkpoint; rerun the same "
-                             "command to resume")
+        raise common.Stopped("stopped while training the grid's teacher (its last checkpoint is kept); rerun the "
+                             "same command to resume")
     if code != 0:
         raise common.UserError(f"teacher training failed (exit {code}): {' '.join(argv[1:])}")
 

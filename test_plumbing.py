@@ -1171,8 +1171,8 @@ def test_a_grid_stopped_while_its_teacher_trains_waits_for_the_teacher_to_save(t
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130 and "Traceback" not in err, (out, err)
-    assert out.strip().splitlines()[-1] == ("stopped while training the grid's teacher: it saved its checkpoint; "
-                                           "rerun the same command to resume"), out
+    assert out.strip().splitlines()[-1] == ("stopped while training the grid's teacher (its last checkpoint is "
+                                           "kept); rerun the same command to resume"), out
     step = runs.load_checkpoint(str(teacher_dir / "ckpt.pt"))["step"]
     assert 20 <= step < teacher.PRESETS["smoke"]["iters"], step
     assert not runs.run_dir_in_use(str(teacher_dir))             # the teacher is over, not orphaned
