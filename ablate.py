@@ -58,6 +58,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -318,14 +319,22 @@ def _run_passing_on_stop(argv):
             print(f"\n{signal.Signals(signum).name}: waiting for the teacher to save its checkpoint ...", flush=True)
             proc.send_signal(signal.SIGTERM)
 
+    with _on_stop_signals(on_stop):
+        return proc.wait()
+
+
+@contextmanager
+def _on_stop_signals(handler):
+    """Ctrl-C and SIGTERM call handler(signum, frame) inside the block (on the main thread only, where Python
+    delivers signals); the previous handlers are back afterwards."""
     handled = (signal.SIGINT, signal.SIGTERM)
-    previous = ({s: signal.signal(s, on_stop) for s in handled}
+    previous = ({s: signal.signal(s, handler) for s in handled}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        return proc.wait()
+        yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class RunFailed(RuntimeError):
@@ -543,10 +552,7 @@ def launch_local(todo, args):
         print(f"\n{signal.Signals(signum).name}: no new run starts; waiting for the {len(running)} running run(s) "
               "to save a checkpoint or finish their final evaluation ...", flush=True)
 
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = ({s: signal.signal(s, on_stop) for s in handled}
-                if threading.current_thread() is threading.main_thread() else {})
-    try:
+    with _on_stop_signals(on_stop):
         # A run that exits with a stop status once the grid is stopped is stopped, not failed: decided here, on
         # the main thread, after the stop's signal handler has run (a signal to the whole process group can end
         # a run before its worker thread sees the stop).
@@ -576,9 +582,6 @@ def launch_local(todo, args):
                 print(f"[{state['done'] + len(failed)}/{len(todo)} done | {state['running']} running | {left} left | "
                       f"eta {runs.hms(eta) if math.isfinite(eta) else '?'}] {run.name} {what} ({wall / 60:.1f} min)",
                       flush=True)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if stop.is_set():
         finished = len(todo) - len(failed) - len(busy) - len(stopped)
         raise common.Stopped(f"stopped: {finished} run(s) finished and recorded, {len(stopped)} stopped or not "
