@@ -46,6 +46,7 @@ The tables themselves are written by report.py, from the records alone.
 """
 
 import argparse
+import glob
 import hashlib
 import importlib
 import json
@@ -284,6 +285,45 @@ def is_done(run, results):
     if read_json(os.path.join(rec, "ablate.json"), "identity")["identity"] != run.identity:
         raise common.UserError(f"{rec}: recorded with other settings than this grid asks for; move it away")
     return True
+
+
+def recorded_inits(results):
+    """{UNet checkpoint path: the init_sha values recorded by the runs of <results>/records that started from
+    it} (records made before init_sha was kept name none)."""
+    index = {}
+    root = os.path.join(results, "records")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        rec = os.path.join(root, name)
+        if not all(os.path.isfile(os.path.join(rec, f)) for f in ("ablate.json", "config.json")):
+            continue
+        config = read_json(os.path.join(rec, "config.json"))
+        path, sha = config.get("init_path") or config.get("teacher_path"), read_json(os.path.join(rec, "ablate.json")).get("init_sha")
+        if path and sha:
+            index.setdefault(os.path.normpath(path), set()).add(sha)
+    return index
+
+
+def check_init(grid, results):
+    """Refuse a grid whose runs would start from another UNet than its recorded runs did. Trained again on
+    another machine, a UNet of the same settings has other weights, and a table would mix students of the
+    two without a word; so a grid whose UNet is missing (--teacher auto would train it) or has another hash
+    than its records stops here, naming a copy of the recorded one under <results> if there is one."""
+    recorded = recorded_inits(results)
+    for path, finished in sorted({runs.teacher_checkpoint(argparse.Namespace(**{"init": "auto", **run.config}))
+                                  for run in grid}):
+        shas = recorded.get(os.path.normpath(path))
+        have = runs.weights_sha(path) if shas and finished else None
+        if not shas or have in shas:
+            continue
+        copies = [c for c in sorted(glob.glob(os.path.join(results, "**", "ckpt.pt"), recursive=True))
+                  if "ema" in runs.load_checkpoint(c).get("nets", {}) and runs.weights_sha(c) in shas]
+        put = (f"mkdir -p {os.path.dirname(path)} && cp {os.path.dirname(copies[0])}/* {os.path.dirname(path)}/"
+               if copies else f"no copy of it is under {results}")
+        now = (f"this one is UNet {have}" if have else
+               "there is no finished UNet there, and one trained here would have other weights")
+        raise common.UserError(f"{path}: the runs recorded in {results} started from UNet {', '.join(sorted(shas))} "
+                               f"(sha256 of its EMA weights), but {now}: a table would mix students of two UNets; "
+                               f"put that UNet there first ({put}), or give another --results")
 
 
 def train_teacher(run):
@@ -893,7 +933,9 @@ def main(argv=None):
         if missing:
             raise common.UserError(f"--tables: {len(missing)} of {len(runs)} runs have no record in {args.results}, "
                                    f"e.g. {' '.join(missing[0].argv)}; run the grid without --tables")
-    elif any(run.teacher is None for run in runs):
+    else:
+        check_init(runs, args.results)
+    if not args.tables and any(run.teacher is None for run in runs):
         if args.dry_run or on_cluster:
             print("the grid's teacher (--teacher auto) is not trained yet: it is trained first; run names below "
                   "will change once it exists")

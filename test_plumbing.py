@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -896,6 +897,35 @@ def test_a_runs_init_is_named_by_its_weights_and_a_table_says_whether_its_rows_s
     assert mixed.startswith("**Not every run started from the same UNet**")
     assert "base: aa (seeds 0,1); ddil: aa (seeds 0), bb (seeds 1), not recorded (seeds 2)" in mixed
     assert "cannot be checked" in report.init_line({"base": {0: None}, "ddil": {0: None}})
+
+
+def test_a_grid_refuses_to_start_its_runs_from_another_unet_than_its_records_did(teacher_ckpt, tmp_path, monkeypatch):
+    """A record keeps the hash of the UNet its run started from. A grid whose UNet is missing (--teacher auto
+    would train one, with other weights on another CPU) or hashes otherwise stops with one line before it
+    trains anything, naming the copy of the recorded UNet under --results; with that UNet in place it goes on."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "lcm", "--study", "paper", "--preset", "smoke", "--results", "results", "--dry-run"]
+    grid, _ = ablate.plan(["lcm"], ["paper"], "smoke", [0], [])
+    unet, _ = runs.teacher_checkpoint(argparse.Namespace(**{"init": "auto", **grid[0].config}))
+    sha = runs.weights_sha(teacher_ckpt)
+    os.makedirs("results/init")
+    shutil.copyfile(teacher_ckpt, "results/init/ckpt.pt")         # the recorded UNet, committed beside the records
+    os.makedirs("results/records/lcm-smoke-0123456789-s0")
+    runs.write_json("results/records/lcm-smoke-0123456789-s0/config.json", dict(teacher_path=unet))
+    runs.write_json("results/records/lcm-smoke-0123456789-s0/ablate.json", dict(identity={}, init_sha=sha))
+    monkeypatch.setattr(ablate, "train_teacher", lambda run: pytest.fail("a UNet was trained over the records' one"))
+    put = f"mkdir -p {os.path.dirname(unet)} && cp results/init/* {os.path.dirname(unet)}/"
+    with pytest.raises(common.UserError, match=f"started from UNet {sha} .*no finished UNet there.*{re.escape(put)}"):
+        ablate.main(argv + ["--", "--iters", "2"])
+    os.makedirs(os.path.dirname(unet))
+    ckpt = runs.load_checkpoint(teacher_ckpt)                       # another UNet of the same settings
+    ckpt["nets"]["ema"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in ckpt["nets"]["ema"].items()}
+    torch.save(ckpt, unet)
+    other = runs.weights_sha(unet)
+    with pytest.raises(common.UserError, match=f"started from UNet {sha} .*this one is UNet {other}"):
+        ablate.main(argv + ["--", "--iters", "2"])
+    shutil.copyfile(teacher_ckpt, unet)
+    assert ablate.main(argv + ["--", "--iters", "2"]) is None       # the dry run lists the grid
 
 
 def test_a_table_uses_one_metric_key_per_column_and_refuses_mixed_counts():
