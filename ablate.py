@@ -53,6 +53,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -309,21 +310,41 @@ def check_init(grid, results):
     two without a word; so a grid whose UNet is missing (--teacher auto would train it) or has another hash
     than its records stops here, naming a copy of the recorded one under <results> if there is one."""
     recorded = recorded_inits(results)
-    for path, finished in sorted({runs.teacher_checkpoint(argparse.Namespace(**{"init": "auto", **run.config}))
-                                  for run in grid}):
+    for path, finished in sorted({_unet_of(run) for run in grid}):
         shas = recorded.get(os.path.normpath(path))
         have = runs.weights_sha(path) if shas and finished else None
         if not shas or have in shas:
             continue
-        copies = [c for c in sorted(glob.glob(os.path.join(results, "**", "ckpt.pt"), recursive=True))
-                  if "ema" in runs.load_checkpoint(c).get("nets", {}) and runs.weights_sha(c) in shas]
-        put = (f"mkdir -p {os.path.dirname(path)} && cp {os.path.dirname(copies[0])}/* {os.path.dirname(path)}/"
-               if copies else f"no copy of it is under {results}")
-        now = (f"this one is UNet {have}" if have else
-               "there is no finished UNet there, and one trained here would have other weights")
+        copies = [c for c in sorted(glob.glob(os.path.join(glob.escape(results), "**", "*.pt"), recursive=True))
+                  if _weights_sha_or_none(c) in shas]
+        if not copies:
+            put = f"no copy of it is under {results}"
+        elif os.path.basename(path) == "ckpt.pt":           # a teacher.py run directory: its files with it
+            put = f"mkdir -p {shlex.quote(os.path.dirname(path) or '.')} && cp {shlex.quote(os.path.dirname(copies[0]))}/* " \
+                  f"{shlex.quote(os.path.dirname(path) or '.')}/"
+        else:
+            put = f"cp {shlex.quote(copies[0])} {shlex.quote(path)}"
+        now = (f"this one is UNet {have} (move it aside first)" if have else
+               "there is no finished UNet there, and one trained here may well have other weights")
         raise common.UserError(f"{path}: the runs recorded in {results} started from UNet {', '.join(sorted(shas))} "
                                f"(sha256 of its EMA weights), but {now}: a table would mix students of two UNets; "
                                f"put that UNet there first ({put}), or give another --results")
+
+
+def _unet_of(run):
+    """(the UNet checkpoint a run starts from, whether it has finished), from its planned teacher identity
+    when there is one (no second read of the checkpoint)."""
+    if run.teacher is None:
+        return runs.teacher_checkpoint(argparse.Namespace(**{"init": "auto", **run.config}))
+    return (run.teacher["init"] if run.teacher["path"] == "exact" else run.teacher)["path"], True
+
+
+def _weights_sha_or_none(path):
+    """weights_sha of a checkpoint file, or None where it is not a readable UNet checkpoint."""
+    try:
+        return runs.weights_sha(path)
+    except (common.UserError, KeyError, TypeError, AttributeError, RuntimeError, OSError, EOFError):
+        return None
 
 
 def train_teacher(run):

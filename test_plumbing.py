@@ -910,19 +910,24 @@ def test_a_grid_refuses_to_start_its_runs_from_another_unet_than_its_records_did
     sha = runs.weights_sha(teacher_ckpt)
     os.makedirs("results/init")
     shutil.copyfile(teacher_ckpt, "results/init/ckpt.pt")         # the recorded UNet, committed beside the records
-    os.makedirs("results/records/lcm-smoke-0123456789-s0")
-    runs.write_json("results/records/lcm-smoke-0123456789-s0/config.json", dict(teacher_path=unet))
-    runs.write_json("results/records/lcm-smoke-0123456789-s0/ablate.json", dict(identity={}, init_sha=sha))
+    for name, config, sha_kept in (("lcm-smoke-0123456789-s0", dict(init_path=unet, teacher_path="exact"), sha),
+                                   ("lcm-smoke-9876543210-s0", dict(teacher_path=unet), None)):   # predates the hash
+        os.makedirs(f"results/records/{name}")
+        runs.write_json(f"results/records/{name}/config.json", config)
+        runs.write_json(f"results/records/{name}/ablate.json", dict(identity={}, init_sha=sha_kept))
     monkeypatch.setattr(ablate, "train_teacher", lambda run: pytest.fail("a UNet was trained over the records' one"))
     put = f"mkdir -p {os.path.dirname(unet)} && cp results/init/* {os.path.dirname(unet)}/"
     with pytest.raises(common.UserError, match=f"started from UNet {sha} .*no finished UNet there.*{re.escape(put)}"):
-        ablate.main(argv + ["--", "--iters", "2"])
+        ablate.main([a for a in argv if a != "--dry-run"] + ["--", "--iters", "2"])
     os.makedirs(os.path.dirname(unet))
     ckpt = runs.load_checkpoint(teacher_ckpt)                       # another UNet of the same settings
     ckpt["nets"]["ema"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in ckpt["nets"]["ema"].items()}
     torch.save(ckpt, unet)
     other = runs.weights_sha(unet)
     with pytest.raises(common.UserError, match=f"started from UNet {sha} .*this one is UNet {other}"):
+        ablate.main(argv + ["--", "--iters", "2"])
+    os.remove("results/init/ckpt.pt")                               # and with no copy of the recorded one
+    with pytest.raises(common.UserError, match="no copy of it is under results"):
         ablate.main(argv + ["--", "--iters", "2"])
     shutil.copyfile(teacher_ckpt, unet)
     assert ablate.main(argv + ["--", "--iters", "2"]) is None       # the dry run lists the grid
