@@ -288,6 +288,13 @@ def is_done(run, results):
     return True
 
 
+def started_from(config):
+    """The UNet checkpoint a run's resolved config started from: its --init, or its UNet teacher (None with
+    neither, e.g. the exact teacher without an init)."""
+    path = config.get("init_path") or config.get("teacher_path")
+    return path if path and path != "exact" else None
+
+
 def recorded_inits(results):
     """{UNet checkpoint path: the init_sha values recorded by the runs of <results>/records that started from
     it} (records made before init_sha was kept name none)."""
@@ -297,8 +304,8 @@ def recorded_inits(results):
         rec = os.path.join(root, name)
         if not all(os.path.isfile(os.path.join(rec, f)) for f in ("ablate.json", "config.json")):
             continue
-        config = read_json(os.path.join(rec, "config.json"))
-        path, sha = config.get("init_path") or config.get("teacher_path"), read_json(os.path.join(rec, "ablate.json")).get("init_sha")
+        path = started_from(read_json(os.path.join(rec, "config.json")))
+        sha = read_json(os.path.join(rec, "ablate.json")).get("init_sha")
         if path and sha:
             index.setdefault(os.path.normpath(path), set()).add(sha)
     return index
@@ -776,8 +783,8 @@ def save_record(run, out, results, timing):
     checkpoint its config names (which nothing rewrites once it is finished)."""
     rec = run.record(results)
     config = read_json(os.path.join(out, "config.json")) if os.path.isfile(os.path.join(out, "config.json")) else {}
-    init = config.get("init_path") or config.get("teacher_path")
-    timing = {**timing, "init_sha": runs.weights_sha(init) if init and init != "exact" and os.path.isfile(init) else None}
+    init = started_from(config)
+    timing = {**timing, "init_sha": runs.weights_sha(init) if init and os.path.isfile(init) else None}
     os.makedirs(rec, exist_ok=True)
     for f in RECORD_FILES:
         if os.path.isfile(os.path.join(out, f)):
