@@ -175,18 +175,24 @@ def _without_teacher(settings):
     return json.dumps({k: v for k, v in plain.items() if k != "teacher"}, sort_keys=True)
 
 
+def record_dirs(results, *files):
+    """The run directories under <results>/records, in name order, that hold every one of `files`."""
+    root = os.path.join(results, "records")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        rec = os.path.join(root, name)
+        if all(os.path.isfile(os.path.join(rec, f)) for f in files):
+            yield rec
+
+
 def recorded_teachers(results):
     """{settings without the teacher: [the teacher identities recorded with them]} over <results>/records:
     what `--tables` reads instead of the teacher checkpoint."""
     index = {}
-    root = os.path.join(results, "records")
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name, "ablate.json")
-        if os.path.isfile(path):
-            identity = read_json(path, "identity")["identity"]
-            teachers = index.setdefault(_without_teacher(identity), [])
-            if identity["teacher"] not in teachers:
-                teachers.append(identity["teacher"])
+    for rec in record_dirs(results, "ablate.json"):
+        identity = read_json(os.path.join(rec, "ablate.json"), "identity")["identity"]
+        teachers = index.setdefault(_without_teacher(identity), [])
+        if identity["teacher"] not in teachers:
+            teachers.append(identity["teacher"])
     return index
 
 
@@ -246,11 +252,9 @@ def plan(methods, studies, preset, seeds, extra, only=None, teachers=None, budge
 
 def recorded_seeds(results):
     """--seeds recorded: every seed with a record in <results>/records (run directories end in -s<seed>)."""
-    folder = os.path.join(results, "records")
-    seeds = sorted({int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-                    if (m := re.search(r"-s(\d+)$", name))})
+    seeds = sorted({int(m.group(1)) for rec in record_dirs(results) if (m := re.search(r"-s(\d+)$", rec))})
     if not seeds:
-        raise common.UserError(f"--seeds recorded: no records in {folder}")
+        raise common.UserError(f"--seeds recorded: no records in {os.path.join(results, 'records')}")
     return seeds
 
 
@@ -299,11 +303,7 @@ def recorded_inits(results):
     """{UNet checkpoint path: the init_sha values recorded by the runs of <results>/records that started from
     it} (records made before init_sha was kept name none)."""
     index = {}
-    root = os.path.join(results, "records")
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        rec = os.path.join(root, name)
-        if not all(os.path.isfile(os.path.join(rec, f)) for f in ("ablate.json", "config.json")):
-            continue
+    for rec in record_dirs(results, "ablate.json", "config.json"):
         path = started_from(read_json(os.path.join(rec, "config.json")))
         sha = read_json(os.path.join(rec, "ablate.json")).get("init_sha")
         if path and sha:
